@@ -1,0 +1,277 @@
+"""The one typed place for every setting: dataclasses loaded from YAML, overridden from the command line.
+
+    cfg = load_config("configs/cifar10.yaml", ["train.batch_size=64", "model.dropout=0.0"])
+
+Values of overrides are parsed as YAML scalars or lists (`model.channel_mults=[1,2,2]`, `model.num_classes=null`).
+An unknown key or a value of the wrong type raises ConfigError (a UserError: one line, exit code 2).
+"""
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+import yaml
+
+from utils import UserError
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "cifar10.yaml")
+
+
+class ConfigError(UserError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["cifar10", "mnist", "fashion_mnist", "folder", "shapes"] = "cifar10"
+    root: str = "data"              # download folder (torchvision sets) or the image folder (folder)
+    image_size: int = 32            # images are resized and centre-cropped to this
+    channels: Literal[1, 3] = 3     # 3 = RGB, 1 = grayscale
+    hflip: bool = True              # random horizontal flip (applied per batch)
+    num_images: int = 10000         # shapes only: how many images to generate
+    seed: int = 0                   # shapes only: generation seed
+    preload: Literal["auto", True, False] = "auto"  # decode once into a cached uint8 array kept in (GPU) memory
+    preload_max_gib: float = 8.0    # 'auto' preloads when the uint8 array is smaller than this
+
+
+@dataclass
+class ModelConfig:
+    base_channels: int = 128
+    channel_mults: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)  # feature-map sizes (pixels) that get self-attention
+    num_heads: int = 1
+    dropout: float = 0.1
+    num_classes: int | Literal["auto"] | None = None  # None: unconditional; 'auto': from the data set
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    objective: Literal["eps", "x0", "v"] = "eps"
+    variance: Literal["fixed_small", "fixed_large"] = "fixed_large"
+    clip_denoised: bool = True
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 800_000
+    batch_size: int = 128           # global batch (split over processes and accumulation steps)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 5000
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = 1.0          # max global gradient norm; 0 turns clipping off
+    grad_accum: int = 1
+    ema_decay: float = 0.9999
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: Literal["auto", True, False] = "auto"  # auto: on for CUDA, off on the CPU
+    seed: int = 0
+    deterministic: bool = False     # deterministic kernels (slower); used by the resume tests
+    log_every: int = 100
+    save_every: int = 5000
+    sample_every: int = 5000
+    sample_n: int = 64              # images in each training sample grid
+    keep_last: int = 3              # step checkpoints kept besides last.pt
+    num_workers: int = 4
+    max_nonfinite: int = 10         # consecutive non-finite losses before the run stops
+    cond_drop_prob: float = 0.1     # class-conditional only: fraction of labels replaced by the null label
+    fid_every: int = 0              # 0 = off
+    fid_samples: int = 5000
+
+
+@dataclass
+class SampleConfig:
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = 100                # DDIM steps (DDPM always takes all T)
+    eta: float = 0.0
+    n: int = 64
+    batch_size: int = 256
+    seed: int = 0
+    guidance_scale: float = 1.0
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+
+
+@dataclass
+class Config:
+    name: str = "cifar10"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.type)}
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) if isinstance(a, str) else str(a).lower() for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return f"list of {typing.get_args(tp)[0].__name__}"
+    return tp.__name__
+
+
+def _coerce(value, tp):
+    """Return value as type tp, or raise TypeError. YAML reads '1e-4' as a string, so floats accept those."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        for choice in typing.get_args(tp):
+            if value == choice and type(value) is type(choice):
+                return value
+        raise TypeError
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option)
+            except TypeError:
+                pass
+        raise TypeError
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if origin is tuple:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        return tuple(_coerce(v, typing.get_args(tp)[0]) for v in value)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise TypeError from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise TypeError
+
+
+def _set(cfg: Config, key: str, value) -> None:
+    if key == "name":
+        cfg.name = str(value)
+        return
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or not name:
+        raise ConfigError(f"unknown config key '{key}'; keys look like section.field with section one of: "
+                          f"{', '.join(SECTIONS)} (or the top-level 'name')")
+    fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+    if name not in fields:
+        raise ConfigError(f"unknown config key '{key}'; valid fields of '{section}': {', '.join(fields)}")
+    tp = typing.get_type_hints(SECTIONS[section])[name]
+    try:
+        setattr(getattr(cfg, section), name, _coerce(value, tp))
+    except TypeError:
+        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}") from None
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks that types cannot express; each failure names the key and the allowed range."""
+    d, m, df, t, s = cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.sample
+    _check(d.image_size >= 8, f"data.image_size must be at least 8, got {d.image_size}")
+    _check(d.num_images >= 1, f"data.num_images must be at least 1, got {d.num_images}")
+    _check(m.base_channels >= 1 and m.num_heads >= 1 and m.num_res_blocks >= 1,
+           "model.base_channels, model.num_heads and model.num_res_blocks must be at least 1")
+    _check(len(m.channel_mults) >= 1 and min(m.channel_mults) >= 1,
+           f"model.channel_mults must be a non-empty list of positive integers, got {list(m.channel_mults)}")
+    _check(d.image_size % 2 ** (len(m.channel_mults) - 1) == 0,
+           f"data.image_size={d.image_size} must be divisible by 2^(len(model.channel_mults)-1)="
+           f"{2 ** (len(m.channel_mults) - 1)}; change one of them")
+    _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _check(m.num_classes is None or m.num_classes == "auto" or m.num_classes >= 1,
+           f"model.num_classes must be null, 'auto' or at least 1, got {m.num_classes}")
+    _check(df.timesteps >= 1, f"diffusion.timesteps must be at least 1, got {df.timesteps}")
+    _check(0.0 < df.beta_start <= df.beta_end < 1.0,
+           f"need 0 < diffusion.beta_start <= diffusion.beta_end < 1, got {df.beta_start}, {df.beta_end}")
+    for key in ("max_steps", "warmup_steps", "keep_last", "num_workers", "fid_every"):
+        _check(getattr(t, key) >= 0, f"train.{key} must be >= 0, got {getattr(t, key)}")
+    for key in ("batch_size", "grad_accum", "log_every", "save_every", "sample_every", "sample_n",
+                "max_nonfinite", "fid_samples"):
+        _check(getattr(t, key) >= 1, f"train.{key} must be at least 1, got {getattr(t, key)}")
+    _check(t.batch_size % t.grad_accum == 0,
+           f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
+    _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
+    _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    _check(0.0 <= t.cond_drop_prob < 1.0, f"train.cond_drop_prob must be in [0, 1), got {t.cond_drop_prob}")
+    _check(1 <= s.steps <= df.timesteps,
+           f"sample.steps must be between 1 and diffusion.timesteps={df.timesteps}, got {s.steps}")
+    _check(s.eta >= 0, f"sample.eta must be >= 0, got {s.eta}")
+    _check(s.n >= 1 and s.batch_size >= 1, "sample.n and sample.batch_size must be at least 1")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"cannot read override '{text}'; write it as section.field=value, "
+                          "e.g. train.batch_size=64")
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"cannot parse the value of override '{text}' as YAML") from None
+
+
+def config_from_dict(d: dict, overrides=()) -> Config:
+    """Build a Config from a nested dict (a YAML file or a checkpoint's 'config'), then apply overrides."""
+    if not isinstance(d, dict):
+        raise ConfigError("a config must be a mapping of sections (data, model, diffusion, train, sample)")
+    cfg = Config()
+    for section, values in d.items():
+        if section == "name":
+            _set(cfg, "name", values)
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section '{section}'; valid sections: {', '.join(SECTIONS)}, name")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping of field: value")
+        for name, value in values.items():
+            _set(cfg, f"{section}.{name}", value)
+    for text in overrides:
+        _set(cfg, *parse_override(text))
+    return validate(cfg)
+
+
+def load_config(path: str | None = None, overrides=()) -> Config:
+    """Load a YAML config (None = configs/cifar10.yaml) and apply 'section.field=value' overrides."""
+    path = path or DEFAULT_CONFIG
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' not found; see configs/ for the shipped ones")
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if "name" not in d:
+        d["name"] = os.path.splitext(os.path.basename(path))[0]
+    return config_from_dict(d, overrides)
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict of built-in types (tuples as lists), for YAML files and checkpoints."""
+    def plain(v):
+        return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
+    return {k: ({f: plain(x) for f, x in v.items()} if isinstance(v, dict) else v)
+            for k, v in dataclasses.asdict(cfg).items()}
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,97 @@
+"""Small helpers shared by the scripts: user-facing errors, devices, atomic files, image grids."""
+import functools
+import math
+import os
+import sys
+import tempfile
+
+import torch
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, files, flags), reported as one line, exit code 2."""
+
+
+def cli(main):
+    """Run a script's main(); a UserError becomes 'error: ...' on stderr and exit code 2."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return wrapper
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present; asking for CUDA on a machine without it is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"unknown device '{name}'; use auto, cuda or cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """The autocast dtype for train/sample precision 'auto'|'bf16'|'fp16'|'fp32' (None = no autocast).
+
+    'auto' is bf16 on GPUs that support it, fp16 on older GPUs and fp32 on the CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def atomic_write(path: str, write_fn) -> None:
+    """Write a file so that readers see the old or the new version, never half of one.
+
+    write_fn(f) writes to an open binary file in the same folder; it is flushed and fsynced, then
+    renamed over `path` (os.replace is atomic on POSIX and Windows)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (B x C x H x W) to uint8 in [0, 255], on the CPU."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 255):
+    """uint8 images B x C x H x W as one uint8 H' x W' x C array, nrow = ceil(sqrt(B)) by default."""
+    b, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    ncol = math.ceil(b / nrow)
+    grid = torch.full((c, ncol * (h + padding) + padding, nrow * (w + padding) + padding),
+                      pad_value, dtype=torch.uint8)
+    for i in range(b):
+        r, q = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + q * (w + padding)
+        grid[:, top:top + h, left:left + w] = images[i]
+    return grid.permute(1, 2, 0).numpy()
+
+
+def save_image(array, path: str) -> None:
+    """Save an H x W x C uint8 array (C = 1 or 3) as a PNG, atomically."""
+    from PIL import Image
+    img = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def save_grid(x: torch.Tensor, path: str, nrow: int | None = None) -> None:
+    """Save images in [-1, 1] as one grid PNG."""
+    save_image(make_grid(to_uint8(x), nrow=nrow), path)

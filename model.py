@@ -1,0 +1,181 @@
+"""The U-Net noise predictor eps_theta(x_t, t) of the DDPM paper (Ho et al. 2020, Appendix B).
+
+A PixelCNN++-style U-Net: residual blocks at each resolution with the timestep embedding added in,
+GroupNorm + SiLU, dropout, self-attention at chosen feature-map sizes, skip connections from every
+encoder block to the decoder. With base_channels=128, channel_mults=(1,2,2,2), 2 blocks per resolution
+and attention at 16x16 it has the paper's 35.7M parameters.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of Vaswani et al.: PE(t, 2i) = sin(t / 10000^(2i/d)), PE(t, 2i+1) = cos(same).
+
+    t: (B,) integer or float timesteps; returns (B, dim) float32."""
+    assert dim % 2 == 0, "timestep embedding dimension must be even"
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=t.device, dtype=torch.float32) / dim)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    # 32 groups as in the paper; fewer when a small model has fewer channels than that
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero the last layer of a residual branch so every block starts as the identity (as in the paper's code)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, add the projected time embedding, GN-SiLU-dropout-conv, plus a (1x1) skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W positions of a feature map, with a residual connection."""
+
+    def __init__(self, channels: int, num_heads: int):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"model.num_heads={num_heads} must divide the {channels} channels at attention")
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).unbind(1)
+        # (B, heads, head_dim, HW) -> (B, heads, HW, head_dim), the layout SDPA (flash attention) expects
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Block(nn.Module):
+    """A residual block, followed by attention at the resolutions that have it."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, dropout, attention: bool, num_heads: int):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout)
+        self.attn = Attention(out_ch, num_heads) if attention else None
+
+    def forward(self, x, emb):
+        x = self.res(x, emb)
+        return self.attn(x) if self.attn is not None else x
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x, emb=None):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, emb=None):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    def __init__(self, image_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
+                 attention_resolutions=(16,), num_heads=1, dropout=0.1, num_classes=None, image_size=32,
+                 verbose=False):
+        super().__init__()
+        self.image_channels, self.num_classes = image_channels, num_classes
+        ch, emb_dim = base_channels, 4 * base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # labels 0..num_classes-1 and one extra 'null' label (index num_classes) for classifier-free guidance
+        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.conv_in = nn.Conv2d(image_channels, ch, 3, padding=1)
+
+        self.down, skip_channels, res = nn.ModuleList(), [ch], image_size
+        for level, mult in enumerate(channel_mults):
+            for _ in range(num_res_blocks):
+                self.down.append(Block(ch, base_channels * mult, emb_dim, dropout,
+                                       res in attention_resolutions, num_heads))
+                ch = base_channels * mult
+                skip_channels.append(ch)
+            if level != len(channel_mults) - 1:
+                self.down.append(Downsample(ch))
+                skip_channels.append(ch)
+                res //= 2
+
+        self.mid = nn.ModuleList([Block(ch, ch, emb_dim, dropout, True, num_heads),
+                                  Block(ch, ch, emb_dim, dropout, False, num_heads)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mults))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(Block(ch + skip_channels.pop(), base_channels * mult, emb_dim, dropout,
+                                     res in attention_resolutions, num_heads))
+                ch = base_channels * mult
+            if level != 0:
+                self.up.append(Upsample(ch))
+                res *= 2
+
+        self.norm_out = group_norm(ch)
+        self.conv_out = zero_init(nn.Conv2d(ch, image_channels, 3, padding=1))
+        if verbose:
+            print(f"UNet: {self.num_params() / 1e6:.2f}M parameters")
+
+    @classmethod
+    def from_config(cls, cfg, verbose=True):
+        """Build from a Config. model.num_classes must already be resolved (an int or None, not 'auto')."""
+        m = cfg.model
+        if m.num_classes == "auto":
+            raise ValueError("resolve model.num_classes='auto' from the data set before building the model")
+        return cls(image_channels=cfg.data.channels, base_channels=m.base_channels,
+                   channel_mults=tuple(m.channel_mults), num_res_blocks=m.num_res_blocks,
+                   attention_resolutions=tuple(m.attention_resolutions), num_heads=m.num_heads,
+                   dropout=m.dropout, num_classes=m.num_classes, image_size=cfg.data.image_size,
+                   verbose=verbose)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x, t, y=None):
+        """Predict from x_t (B x C x H x W) at integer steps t (B,); y (B,) labels, or None for the null label."""
+        emb = self.time_mlp(timestep_embedding(t, self.conv_in.out_channels))
+        if self.label_emb is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.label_emb(y)
+        h = self.conv_in(x)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h, emb)
+            skips.append(h)
+        for layer in self.mid:
+            h = layer(h, emb)
+        for layer in self.up:
+            h = layer(torch.cat([h, skips.pop()], dim=1), emb) if isinstance(layer, Block) else layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))

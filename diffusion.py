@@ -181,6 +181,8 @@ class GaussianDiffusion(nn.Module):
         """`steps` evenly spaced indices from T-1 down to 0 (all of them when steps == T)."""
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"DDIM steps must be between 1 and T={self.num_timesteps}, got {steps}")
+        if steps == 1:  # one step goes from x_T (index T-1) straight to the data, not from index 0
+            return [self.num_timesteps - 1]
         return np.linspace(0, self.num_timesteps - 1, steps).round().astype(int)[::-1].tolist()
 
     @torch.inference_mode()

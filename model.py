@@ -23,8 +23,10 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    # 32 groups as in the paper; fewer when a small model has fewer channels than that
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    # 32 groups as in the paper; fewer when a small model has fewer channels than that, keeping at least
+    # 4 channels per group: with one channel per group the norm would subtract (erase) the per-channel
+    # time/label embedding that ResBlock adds just before its second norm
+    return nn.GroupNorm(math.gcd(channels, max(1, min(32, channels // 4))), channels)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -110,7 +112,7 @@ class UNet(nn.Module):
                  attention_resolutions=(16,), num_heads=1, dropout=0.1, num_classes=None, image_size=32,
                  verbose=False):
         super().__init__()
-        self.image_channels, self.num_classes = image_channels, num_classes
+        self.image_channels, self.image_size, self.num_classes = image_channels, image_size, num_classes
         ch, emb_dim = base_channels, 4 * base_channels
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # labels 0..num_classes-1 and one extra 'null' label (index num_classes) for classifier-free guidance

@@ -1,0 +1,228 @@
+"""config.py: the shipped defaults, override parsing, and the one-line ConfigError for every kind of bad input."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from config import DEFAULT_CONFIG, Config, ConfigError, config_from_dict, dump, load_config, parse_override, to_dict
+from utils import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def raises_config_error(overrides, *fragments, path=None):
+    """Assert that loading raises a one-line ConfigError (a UserError) whose message has every fragment."""
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    assert isinstance(e.value, UserError)
+    msg = str(e.value)
+    assert msg and "\n" not in msg, msg
+    for f in fragments:
+        assert f in msg, (f, msg)
+    return msg
+
+
+# ---- defaults --------------------------------------------------------------------------------------------------
+
+def test_default_is_cifar10_yaml_with_the_papers_values():
+    assert DEFAULT_CONFIG == os.path.join(ROOT, "configs", "cifar10.yaml")
+    cfg = load_config(None)
+    assert load_config(DEFAULT_CONFIG) == cfg
+    assert cfg.name == "cifar10"
+    d, m, df, t, s = cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.sample
+    # Ho et al. 2020, Appendix B (CIFAR-10)
+    assert (d.dataset, d.image_size, d.channels, d.hflip) == ("cifar10", 32, 3, True)
+    assert (m.base_channels, m.channel_mults, m.num_res_blocks) == (128, (1, 2, 2, 2), 2)
+    assert (m.attention_resolutions, m.num_heads, m.dropout, m.num_classes) == ((16,), 1, 0.1, None)
+    assert (df.timesteps, df.beta_schedule, df.objective) == (1000, "linear", "eps")
+    assert df.beta_start == 1e-4 and df.beta_end == 0.02
+    assert isinstance(df.beta_start, float) and isinstance(df.beta_end, float)
+    assert (t.max_steps, t.batch_size, t.optimizer, t.lr, t.warmup_steps) == (800_000, 128, "adam", 2e-4, 5000)
+    assert (t.grad_clip, t.ema_decay, t.grad_accum) == (1.0, 0.9999, 1)
+    assert df.variance == "fixed_large"
+    assert (s.sampler, s.steps, s.eta) == ("ddim", 100, 0.0)
+
+
+def test_yaml_file_agrees_with_the_loaded_config():
+    """Every value written in cifar10.yaml ends up in the Config (lists as tuples), nothing silently dropped."""
+    with open(DEFAULT_CONFIG) as f:
+        raw = yaml.safe_load(f)
+    cfg = load_config(None)
+    for section, values in raw.items():
+        for key, value in values.items():
+            got = getattr(getattr(cfg, section), key)
+            expected = tuple(value) if isinstance(value, list) else value
+            if isinstance(got, float):
+                expected = float(expected)
+            assert got == expected, (section, key, got, value)
+
+
+def test_name_defaults_to_the_file_name(tmp_path):
+    p = tmp_path / "my_run.yaml"
+    p.write_text("model:\n  base_channels: 64\n")
+    cfg = load_config(str(p))
+    assert cfg.name == "my_run" and cfg.model.base_channels == 64
+    assert cfg.model.channel_mults == (1, 2, 2, 2)   # unspecified fields keep the dataclass defaults
+    p.write_text("name: other\n")
+    assert load_config(str(p)).name == "other"
+    p.write_text("")                                   # an empty file is all defaults
+    assert load_config(str(p)) == dataclasses.replace(Config(), name="my_run")
+
+
+# ---- overrides ---------------------------------------------------------------------------------------------------
+
+def test_overrides_parse_yaml_scalars_and_lists():
+    # YAML 1.1 reads '1e-4' (no dot) as a string: floats must accept it
+    assert isinstance(yaml.safe_load("1e-4"), str)
+    cfg = load_config(None, ["model.channel_mults=[1,2]", "diffusion.beta_start=1e-4", "diffusion.beta_end=3e-2",
+                             "model.num_classes=null", "train.batch_size=64", "data.hflip=false",
+                             "train.lr=3.0e-4", "model.dropout=0", "data.image_size=16", "name=run7",
+                             "diffusion.objective=v", "train.compile=true", "data.preload=auto"])
+    assert cfg.model.channel_mults == (1, 2) and isinstance(cfg.model.channel_mults, tuple)
+    assert cfg.diffusion.beta_start == 1e-4 and type(cfg.diffusion.beta_start) is float
+    assert cfg.diffusion.beta_end == 0.03 and type(cfg.diffusion.beta_end) is float
+    assert cfg.model.num_classes is None
+    assert cfg.train.batch_size == 64 and type(cfg.train.batch_size) is int
+    assert cfg.data.hflip is False
+    assert cfg.train.lr == 3e-4
+    assert cfg.model.dropout == 0.0 and type(cfg.model.dropout) is float   # an int is a fine float
+    assert cfg.data.image_size == 16 and cfg.name == "run7"
+    assert cfg.diffusion.objective == "v"
+    assert cfg.train.compile is True and cfg.data.preload == "auto"
+
+
+def test_num_classes_forms():
+    assert load_config(None, ["model.num_classes=10"]).model.num_classes == 10
+    assert load_config(None, ["model.num_classes=auto"]).model.num_classes == "auto"
+    assert load_config(None, ["model.num_classes=null"]).model.num_classes is None
+    raises_config_error(["model.num_classes=0"], "model.num_classes")
+    raises_config_error(["model.num_classes=many"], "model.num_classes")
+    raises_config_error(["model.num_classes=true"], "model.num_classes")
+
+
+def test_single_int_becomes_a_one_element_tuple():
+    assert load_config(None, ["model.attention_resolutions=8"]).model.attention_resolutions == (8,)
+    assert load_config(None, ["model.attention_resolutions=[]"]).model.attention_resolutions == ()
+
+
+def test_later_overrides_win_and_values_may_contain_equals():
+    cfg = load_config(None, ["train.batch_size=64", "train.batch_size=32"])
+    assert cfg.train.batch_size == 32
+    assert parse_override("data.root=/tmp/a=b") == ("data.root", "/tmp/a=b")
+    assert parse_override(" data.root =x") == ("data.root", "x")
+
+
+def test_malformed_overrides():
+    raises_config_error(["train.batch_size"], "train.batch_size", "section.field=value")
+    raises_config_error(["=3"], "=3")
+    raises_config_error(["model.channel_mults=[1,2"], "model.channel_mults=[1,2")
+
+
+# ---- errors --------------------------------------------------------------------------------------------------------
+
+def test_unknown_section_and_field():
+    raises_config_error(["modle.base_channels=3"], "modle.base_channels", "model", "diffusion", "train")
+    raises_config_error(["model=3"], "'model'")
+    msg = raises_config_error(["model.nope=1"], "model.nope")
+    for f in dataclasses.fields(type(Config().model)):  # the valid fields are listed
+        assert f.name in msg, (f.name, msg)
+    with pytest.raises(ConfigError, match="modle"):
+        config_from_dict({"modle": {"base_channels": 3}})
+    with pytest.raises(ConfigError, match="model.width"):
+        config_from_dict({"model": {"width": 3}})
+    with pytest.raises(ConfigError, match="'model'"):
+        config_from_dict({"model": [1, 2]})
+    with pytest.raises(ConfigError):
+        config_from_dict([1, 2])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.base_channels=abc", "model.base_channels"),
+    ("model.base_channels=1.5", "model.base_channels"),
+    ("model.base_channels=true", "model.base_channels"),   # a bool is not an int
+    ("model.channel_mults=[1,x]", "model.channel_mults"),
+    ("model.channel_mults=abc", "model.channel_mults"),
+    ("train.lr=fast", "train.lr"),
+    ("train.lr=true", "train.lr"),
+    ("data.channels=2", "data.channels"),
+    ("data.hflip=maybe", "data.hflip"),
+    ("diffusion.beta_schedule=quadratic", "diffusion.beta_schedule"),
+    ("sample.sampler=euler", "sample.sampler"),
+    ("train.batch_size=[64]", "train.batch_size"),
+])
+def test_wrong_type_names_the_key(override, key):
+    msg = raises_config_error([override], key)
+    assert "must be" in msg
+
+
+def test_wrong_type_in_a_yaml_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  batch_size: lots\n")
+    raises_config_error([], "train.batch_size", path=str(p))
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["train.max_steps=-1"], ["train.max_steps"]),
+    (["train.warmup_steps=-5"], ["train.warmup_steps"]),
+    (["train.batch_size=0"], ["train.batch_size"]),
+    (["train.save_every=0"], ["train.save_every"]),
+    (["sample.steps=1001"], ["sample.steps", "1000"]),
+    (["sample.steps=0"], ["sample.steps"]),
+    (["diffusion.timesteps=50", "sample.steps=51"], ["sample.steps", "50"]),
+    (["train.batch_size=10", "train.grad_accum=3"], ["train.batch_size", "train.grad_accum"]),
+    (["diffusion.timesteps=0"], ["diffusion.timesteps"]),
+    (["diffusion.beta_start=0.03"], ["diffusion.beta_start"]),
+    (["diffusion.beta_end=1.0"], ["diffusion.beta_end"]),
+    (["model.dropout=1.0"], ["model.dropout"]),
+    (["train.ema_decay=1.0"], ["train.ema_decay"]),
+    (["train.lr=0"], ["train.lr"]),
+    (["model.channel_mults=[]"], ["model.channel_mults"]),
+    (["model.channel_mults=[1,0]"], ["model.channel_mults"]),
+    (["data.image_size=28"], ["data.image_size", "model.channel_mults"]),   # 28 is not divisible by 2^3
+    (["data.image_size=4"], ["data.image_size"]),
+    (["sample.eta=-0.1"], ["sample.eta"]),
+    (["train.cond_drop_prob=1.0"], ["train.cond_drop_prob"]),
+])
+def test_out_of_range_values_raise(overrides, fragments):
+    raises_config_error(overrides, *fragments)
+
+
+def test_boundary_values_are_accepted():
+    cfg = load_config(None, ["train.max_steps=0", "sample.steps=1000", "train.batch_size=12", "train.grad_accum=3",
+                             "data.image_size=28", "model.channel_mults=[1,2,2]", "sample.steps=1"])
+    assert (cfg.train.max_steps, cfg.sample.steps, cfg.train.grad_accum) == (0, 1, 3)
+    assert load_config(None, ["sample.steps=1000"]).sample.steps == 1000
+
+
+def test_missing_and_invalid_files(tmp_path):
+    missing = str(tmp_path / "none.yaml")
+    raises_config_error([], missing, "not found", path=missing)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n  base: {\n")
+    raises_config_error([], str(bad), "not valid YAML", path=str(bad))
+
+
+# ---- serialisation and the command line ---------------------------------------------------------------------------
+
+def test_to_dict_is_plain_and_round_trips():
+    cfg = load_config(None, ["model.channel_mults=[1,2]", "data.image_size=16", "model.num_classes=10",
+                             "diffusion.beta_schedule=cosine", "train.lr=1e-3"])
+    d = to_dict(cfg)
+    assert d["model"]["channel_mults"] == [1, 2] and isinstance(d["model"]["channel_mults"], list)
+    assert d["name"] == "cifar10" and d["train"]["lr"] == 1e-3
+    assert config_from_dict(d) == cfg
+    assert config_from_dict(yaml.safe_load(dump(cfg))) == cfg
+
+
+def test_cli_turns_config_errors_into_exit_code_2():
+    code = ("import sys; sys.path.insert(0, %r); from utils import cli; from config import load_config; "
+            "cli(lambda: load_config(None, ['model.nope=1']))()") % ROOT
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "model.nope" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""

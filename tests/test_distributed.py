@@ -1,0 +1,95 @@
+"""train.py under torchrun: 2 CPU processes (gloo) against 1, portable checkpoints, only rank 0 writes."""
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+from helpers import CONFIG, ROOT, TINY, run_script
+
+from checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or sys.platform == "win32",
+                                reason="needs torch.distributed with gloo")
+
+
+def torchrun(nproc, args, cwd):
+    """The README's command line: torchrun --standalone --nproc_per_node=N train.py ..."""
+    exe = shutil.which("torchrun")
+    launcher = [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [*launcher, "--standalone", f"--nproc_per_node={nproc}", os.path.join(ROOT, "train.py"), *args]
+    return run_script(cmd[1:], cwd) if not exe else _run(cmd, cwd)
+
+
+def _run(cmd, cwd):
+    import subprocess
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+ARGS = ["--config", CONFIG, "--name", "d", "--device", "cpu", *TINY, "train.deterministic=false"]
+
+
+def state(cwd, name="d"):
+    return load_checkpoint(str(cwd / "checkpoints" / name / "last.pt"))
+
+
+def assert_close(a, b, atol=2e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    p1 = run_script([os.path.join(ROOT, "train.py"), *ARGS, "train.max_steps=8"], one)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p2 = torchrun(2, [*ARGS, "train.max_steps=4"], two)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    files = sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file())
+    return one, two, (p2, files)
+
+
+def test_two_processes_match_one(runs, tmp_path):
+    """Same global batch, examples, timesteps and noise: 2 processes end with the weights of 1 process."""
+    one, two, _ = runs
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    assert run_script([os.path.join(ROOT, "train.py"), *ARGS, "train.max_steps=4"], ref).returncode == 0
+    a, b = state(ref), state(two)
+    assert a["step"] == b["step"] == 4
+    assert_close(a["model"], b["model"])
+    assert_close(a["ema"], b["ema"])
+    assert a["data"] == b["data"]
+    moved = state(one)["model"]
+    assert any(not torch.allclose(moved[k], b["model"][k]) for k in moved)  # 8 steps differ from 4
+
+
+def test_two_process_checkpoint_resumes_on_one(runs):
+    """Continue the 2-process run on 1 process up to step 8: same as 8 steps on 1 process throughout."""
+    one, two, _ = runs
+    proc = run_script([os.path.join(ROOT, "train.py"), *ARGS, "train.max_steps=8"], two)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from checkpoints/d/last.pt at step 4" in proc.stdout
+    assert_close(state(one)["model"], state(two)["model"])
+    assert_close(state(one)["ema"], state(two)["ema"])
+
+
+def test_only_rank_zero_writes(runs):
+    _, _, (p2, files) = runs
+    assert len([f for f in files if "events.out.tfevents" in f]) == 1  # one TensorBoard writer
+    assert p2.stdout.count("starting run 'd'") == 1 and p2.stdout.count("done:") == 1
+    assert p2.stderr.count("UNet:") + p2.stdout.count("UNet:") == 1
+    assert not [f for f in files if ".tmp" in f]
+    assert {"checkpoints/d/last.pt", "checkpoints/d/step_0000004.pt", "results/d/config.yaml",
+            "results/d/plots/losses.csv", "results/d/plots/loss.png", "results/d/samples/step_0000004.png"} \
+        <= set(files)
+
+
+def test_checkpoint_of_one_process_resumes_on_two(runs, tmp_path):
+    one, _, _ = runs
+    shutil.copytree(one / "checkpoints", tmp_path / "checkpoints")
+    proc = torchrun(2, [*ARGS, "train.max_steps=10"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert state(tmp_path)["step"] == 10

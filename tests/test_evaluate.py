@@ -1,0 +1,285 @@
+"""evaluate.py and metrics.py: the metrics against closed forms, and the command end to end with a small
+fixed random conv net in place of the Inception (whose real weights cannot be fetched here)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn as nn
+from helpers import ROOT, assert_one_line_error, run_script
+from PIL import Image
+
+import evaluate
+import metrics
+from checkpoint import diffusion_from_checkpoint, load_checkpoint, save_checkpoint
+from config import load_config, to_dict
+from dataset import make_shapes
+from model import UNet
+
+TINY_CKPT = ["model.base_channels=16", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
+             "model.attention_resolutions=[8]", "data.image_size=16", "data.dataset=shapes", "data.num_images=64",
+             "diffusion.timesteps=20", "sample.steps=2"]
+
+
+class TinyExtractor:
+    """A fixed random conv net (seeded): 32 pooled features and 10 logits per image; counts the images."""
+
+    name = "tiny-test-net"
+
+    def __init__(self, logits=True):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten())
+            self.head = nn.Linear(32, 10)
+        self.logits, self.seen = logits, 0
+
+    @torch.no_grad()
+    def __call__(self, images):
+        assert images.dtype == torch.uint8 and images.shape[1] == 3
+        self.seen += len(images)
+        f = self.body(images.float() / 127.5 - 1)
+        return f.numpy(), (self.head(f).numpy() if self.logits else None)
+
+
+def write_pngs(folder, images):
+    os.makedirs(folder, exist_ok=True)
+    for i, x in enumerate(images):
+        Image.fromarray(x.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{i:07d}.png"))
+    return str(folder)
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """Two folders holding the same 48 shapes images (16 x 16), and a third with other shapes."""
+    a = write_pngs(tmp_path / "a", make_shapes(48, 16, 3, seed=0)[0])
+    b = str(tmp_path / "b")
+    shutil.copytree(a, b)
+    c = write_pngs(tmp_path / "c", make_shapes(48, 16, 3, seed=1)[0])
+    return a, b, c
+
+
+def use_extractor(monkeypatch, extractor):
+    monkeypatch.setattr(evaluate, "load_extractor", lambda weights, device: extractor)
+    return extractor
+
+
+# ---- the metrics -----------------------------------------------------------------------------------------
+
+
+def test_frechet_distance_closed_form_for_commuting_covariances():
+    rng = np.random.default_rng(0)
+    d = 12
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    q = np.linalg.qr(rng.normal(size=(d, d)))[0]  # the same rotation of both: they still commute
+    got = metrics.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_matches_scipy_sqrtm_for_non_commuting_covariances():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(600, 20)) @ rng.normal(size=(20, 20))
+    y = rng.normal(size=(600, 20)) @ rng.normal(size=(20, 20)) + 0.3
+    (mu1, s1), (mu2, s2) = metrics.feature_stats(x), metrics.feature_stats(y)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_distance_of_singular_covariances():
+    f = np.random.default_rng(2).normal(size=(30, 64))  # fewer samples than dimensions: rank 29
+    mu, sigma = metrics.feature_stats(f)
+    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
+    mu2, sigma2 = metrics.feature_stats(f[:, ::-1].copy())
+    assert metrics.frechet_distance(mu, sigma, mu2, sigma2) > 0
+
+
+def test_feature_stats_in_chunks_equal_numpy():
+    f = np.random.default_rng(3).normal(size=(103, 7)).astype(np.float32)
+    mu, sigma = metrics.feature_stats(f, chunk=10)
+    assert np.allclose(mu, f.astype(np.float64).mean(0), atol=1e-12)
+    assert np.allclose(sigma, np.cov(f.astype(np.float64), rowvar=False), atol=1e-12)
+
+
+def test_polynomial_mmd_equals_the_sum_over_pairs():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(6, 3)), rng.normal(size=(6, 3)) + 1
+
+    def k(a, b):
+        return (a @ b / 3 + 1) ** 3
+    m = 6
+    expected = (sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+                - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2)
+    assert metrics.polynomial_mmd(x, y) == pytest.approx(expected, rel=1e-12)
+
+
+def test_kid_near_zero_for_one_distribution_and_clearly_positive_for_two():
+    rng = np.random.default_rng(5)
+    f1, f2 = rng.normal(size=(2000, 16)), rng.normal(size=(2000, 16))
+    mean, std = metrics.kernel_inception_distance(f1, f2, num_subsets=50, subset_size=500)
+    assert std > 0 and abs(mean) < 3 * std  # unbiased: zero is well within the subsets' spread
+    shifted, shifted_std = metrics.kernel_inception_distance(f1, f2 + 0.5, num_subsets=50, subset_size=500)
+    assert shifted > 10 * shifted_std and shifted > 10 * (abs(mean) + 3 * std)
+
+
+def test_inception_score_closed_forms():
+    row = np.random.default_rng(6).normal(size=10)
+    mean, std = metrics.inception_score(np.tile(row, (100, 1)))  # identical predictions: p(y|x) = p(y)
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+    k = 10
+    confident = 50.0 * np.eye(k)[np.arange(300) % k]  # one-hot, every split holds each class equally
+    mean, std = metrics.inception_score(confident, splits=10)
+    assert mean == pytest.approx(k, rel=1e-9) and std == pytest.approx(0.0, abs=1e-9)
+
+
+# ---- the command -----------------------------------------------------------------------------------------
+
+
+def run(tmp_path, *args):
+    return evaluate.main([*args, "--device", "cpu", "--batch-size", "16", "--ref-cache", str(tmp_path / "refs"),
+                          "--out", str(tmp_path / "metrics.json")])
+
+
+def test_identical_folders_give_zero_fid_and_append_a_record(tmp_path, folders, monkeypatch, capsys):
+    a, b, c = folders
+    use_extractor(monkeypatch, TinyExtractor())
+    same = run(tmp_path, "--samples-dir", a, "--ref-dir", b)
+    assert abs(same["fid"]) < 1e-6 and abs(same["kid_mean"]) < 0.05
+    assert same["is_mean"] > 1 and same["n"] == same["ref_n"] == 48 and same["image_size"] == 16
+    other = run(tmp_path, "--samples-dir", c, "--ref-dir", b, "--n", "40")
+    assert other["fid"] > 1e-3 and other["n"] == 40
+    records = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["samples_dir"] for r in records] == [a, c]
+    assert records[0]["step"] is None and records[1]["fid"] == pytest.approx(other["fid"])
+    assert "FID " in capsys.readouterr().out
+
+
+def test_reference_statistics_are_cached_and_reused(tmp_path, folders, monkeypatch, capsys):
+    a, b, _ = folders
+    first = use_extractor(monkeypatch, TinyExtractor())
+    run(tmp_path, "--samples-dir", a, "--ref-dir", b)
+    assert first.seen == 96 and "cached in" in capsys.readouterr().out
+    second = use_extractor(monkeypatch, TinyExtractor())
+    record = run(tmp_path, "--samples-dir", a, "--ref-dir", b)
+    assert second.seen == 48  # the samples only
+    assert "reusing" in capsys.readouterr().out and abs(record["fid"]) < 1e-6
+    os.remove(os.path.join(b, "0000047.png"))  # a changed folder is a new reference set
+    third = use_extractor(monkeypatch, TinyExtractor())
+    assert run(tmp_path, "--samples-dir", a, "--ref-dir", b)["ref_n"] == 47 and third.seen == 48 + 47
+
+
+def test_extractor_without_logits_gives_null_inception_score(tmp_path, folders, monkeypatch, capsys):
+    a, b, _ = folders
+    use_extractor(monkeypatch, TinyExtractor(logits=False))
+    record = run(tmp_path, "--samples-dir", a, "--ref-dir", b)
+    assert record["is_mean"] is None and record["is_std"] is None
+    assert "IS not computed" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, folders, monkeypatch, capsys):
+    a, b, _ = folders
+    use_extractor(monkeypatch, TinyExtractor())
+    for args in (["--ref-dir", b], ["--samples-dir", a], ["--samples-dir", a, "--ref-dir", b, "--n", "49"],
+                 ["--samples-dir", str(tmp_path / "none"), "--ref-dir", b],
+                 ["--samples-dir", a, "--ref-dir", b, "--steps", "10"]):
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, *args)
+        assert e.value.code == 2
+    (tmp_path / "metrics.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--samples-dir", a, "--ref-dir", b)
+    assert (tmp_path / "metrics.json").read_text() == "{not json"  # never overwritten
+    err = capsys.readouterr().err
+    assert err.count("error:") == 6 and "Traceback" not in err
+
+
+def test_missing_weights_is_one_line_error_without_download(tmp_path, folders):
+    a, b, _ = folders
+    torch_home = tmp_path / "torch_home"
+    torch_home.mkdir()
+    # TORCH_HOME moves the hub cache to an empty folder; the dead proxy makes any download fail, not hang
+    env = {"TORCH_HOME": str(torch_home), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    proc = run_script([os.path.join(ROOT, "evaluate.py"), "--samples-dir", a, "--ref-dir", b, "--device", "cpu",
+                       "--out", str(tmp_path / "m.json")], cwd=tmp_path, env_extra=env)
+    expected = os.path.join(str(torch_home), "hub", "checkpoints", metrics.WEIGHTS_FILES[0])
+    assert_one_line_error(proc, expected, metrics.WEIGHTS_URL, "--inception-weights")
+    assert list(torch_home.rglob("*")) == []  # nothing downloaded, not even a partial file
+    assert not (tmp_path / "m.json").exists()
+    proc = run_script([os.path.join(ROOT, "evaluate.py"), "--samples-dir", a, "--ref-dir", b,
+                       "--inception-weights", "nowhere.pth"], cwd=tmp_path, env_extra=env)
+    assert_one_line_error(proc, "nowhere.pth")
+
+
+def test_real_extractor_loads_a_local_weights_file(tmp_path):
+    """The torch-fidelity path with random weights of the right layout (the real file cannot be fetched)."""
+    pytest.importorskip("torch_fidelity")
+    import torchvision
+    fake = torchvision.models.Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+    torch.save(fake.state_dict(), tmp_path / "fake.pth")
+    extractor = metrics.load_inception(str(tmp_path / "fake.pth"), "cpu")
+    features, logits = extractor(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8))
+    assert features.shape == (2, 2048) and logits.shape == (2, 1008) and features.dtype == np.float32
+    torch.save({"not": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(metrics.UserError, match="cannot load the Inception weights"):
+        metrics.load_inception(str(tmp_path / "wrong.pth"), "cpu")
+
+
+# ---- a checkpoint ------------------------------------------------------------------------------------------
+
+
+def tiny_checkpoint(path, *extra):
+    cfg = load_config(os.path.join(ROOT, "configs", "cifar10.yaml"), TINY_CKPT + list(extra))
+    torch.manual_seed(0)
+    sd = UNet.from_config(cfg, verbose=False).state_dict()
+    save_checkpoint({"step": 0, "config": to_dict(cfg), "model": sd, "ema": sd}, str(path))
+    return str(path)
+
+
+def test_checkpoint_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = tiny_checkpoint(tmp_path / "last.pt")
+    extractor = use_extractor(monkeypatch, TinyExtractor())
+    args = ["--ckpt", ckpt, "--n", "8", "--sampler", "ddim", "--steps", "2", "--device", "cpu", "--batch-size", "4"]
+    record = evaluate.main(args)
+    folder = tmp_path / "results" / "cifar10" / "samples-step0-ddim2"
+    assert sorted(os.listdir(folder)) == [f"{i:07d}.png" for i in range(8)]
+    assert extractor.seen == 8 + 64  # the samples and the checkpoint's data set (64 shapes)
+    assert (record["step"], record["sampler"], record["steps"], record["eta"], record["n"]) == (0, "ddim", 2, 0.0, 8)
+    assert record["ref"] == "shapes-train" and record["ref_n"] == 64 and np.isfinite(record["fid"])
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    again = evaluate.main(args)  # the samples and the reference statistics are reused
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    assert again["fid"] == pytest.approx(record["fid"]) and extractor.seen == 8 + 64 + 8
+    assert len(json.loads((tmp_path / "results" / "cifar10" / "metrics.json").read_text())) == 2
+
+
+def test_conditional_checkpoint_with_guidance(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = tiny_checkpoint(tmp_path / "cond.pt", "model.num_classes=3")
+    use_extractor(monkeypatch, TinyExtractor())
+    record = evaluate.main(["--ckpt", ckpt, "--n", "4", "--device", "cpu", "--guidance-scale", "2",
+                            "--class-label", "1", "--sampler", "ddpm"])
+    assert (record["guidance_scale"], record["class_label"], record["steps"], record["eta"]) == (2.0, "1", 20, None)
+    assert len(os.listdir(tmp_path / "results" / "cifar10" / "samples-step0-ddpm-w2-class1")) == 4
+    unconditional = tiny_checkpoint(tmp_path / "uncond.pt")
+    with pytest.raises(SystemExit):
+        evaluate.main(["--ckpt", unconditional, "--n", "4", "--device", "cpu", "--guidance-scale", "2"])
+
+
+def test_fid_of_for_training(tmp_path):
+    cfg, diffusion = diffusion_from_checkpoint(load_checkpoint(tiny_checkpoint(tmp_path / "last.pt")), "cpu")
+    diffusion.train()
+    extractor = TinyExtractor()
+    fid = evaluate.fid_of(diffusion, cfg, 8, "cpu", extractor=extractor, cache_dir=str(tmp_path / "refs"))
+    assert np.isfinite(fid) and fid > 0 and diffusion.training  # the mode it was in
+    assert extractor.seen == 8 + 64
+    assert evaluate.fid_of(diffusion, cfg, 8, "cpu", extractor=extractor,
+                           cache_dir=str(tmp_path / "refs")) == pytest.approx(fid)  # same seed, cached reference
+    assert extractor.seen == 8 + 64 + 8

@@ -1,0 +1,381 @@
+"""The U-Net (model.py) and checkpoints (checkpoint.py): the timestep embedding against its formula in float64,
+attention against a float64 reference, shapes, initialisation, conditioning, size, that it can learn, and
+checkpoint files (round trip and one-line errors)."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from checkpoint import (
+    check_same_architecture,
+    diffusion_from_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
+from config import load_config, to_dict
+from diffusion import GaussianDiffusion
+from model import Attention, ResBlock, UNet, timestep_embedding
+from utils import UserError
+
+TINY = dict(image_channels=3, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+            image_size=16, dropout=0.0)
+TINY_OVERRIDES = ["model.base_channels=16", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
+                  "model.attention_resolutions=[8]", "data.image_size=16", "diffusion.timesteps=20",
+                  "sample.steps=10"]
+
+
+def perturb_zero_params(model: nn.Module, std=0.05, seed=0) -> nn.Module:
+    """Give the zero-initialised parameters small random values, so every path of the network matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def tiny(seed=0, **kw) -> UNet:
+    torch.manual_seed(seed)
+    args = dict(TINY)
+    args.update(kw)
+    return UNet(**args).eval()
+
+
+# ---- timestep embedding --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dim", [2, 16, 128])
+def test_timestep_embedding_is_the_sinusoidal_formula(dim):
+    ts = [0, 1, 2, 17, 500, 999]
+    emb = timestep_embedding(torch.tensor(ts), dim)
+    assert emb.shape == (len(ts), dim) and emb.dtype == torch.float32
+    for row, t in enumerate(ts):
+        ref = []
+        for i in range(dim // 2):
+            angle = t / 10000 ** (2 * i / dim)
+            ref += [math.sin(angle), math.cos(angle)]   # PE(t, 2i) = sin, PE(t, 2i+1) = cos
+        ref = torch.tensor(ref, dtype=torch.float64)
+        # the float32 angle t * 10000^(-2i/d) has a relative error of a few 2^-24, i.e. an absolute one of
+        # about t * 4 * 6e-8 (up to 2.4e-4 at t = 999); sin and cos pass it on unamplified
+        tol = 1e-6 + 4 * 2.0 ** -24 * t
+        err = (emb[row].double() - ref).abs().max().item()
+        assert err <= tol, (t, err, tol)
+
+
+def test_timestep_embedding_accepts_float_steps():
+    emb = timestep_embedding(torch.tensor([0.5, 2.25]), 4)
+    ref = [[math.sin(0.5), math.cos(0.5), math.sin(0.5 / 100), math.cos(0.5 / 100)],
+           [math.sin(2.25), math.cos(2.25), math.sin(2.25 / 100), math.cos(2.25 / 100)]]
+    assert torch.allclose(emb.double(), torch.tensor(ref, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+# ---- building blocks -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels, heads", [(8, 1), (8, 2), (12, 4)])
+def test_attention_against_float64_reference(channels, heads):
+    torch.manual_seed(1)
+    attn = perturb_zero_params(Attention(channels, heads), std=0.2).double()
+    with torch.no_grad():
+        for p in (attn.norm.weight, attn.norm.bias):
+            p.copy_(torch.randn(p.shape, dtype=torch.float64) * 0.3 + (1.0 if p is attn.norm.weight else 0.0))
+    b, h, w = 2, 3, 5
+    x = torch.randn(b, channels, h, w, dtype=torch.float64)
+    with torch.no_grad():
+        out = attn(x)
+    # reference: GroupNorm by hand, 1x1 convs as matrices, per-head softmax(q^T k / sqrt(d)) v, residual
+    groups = attn.norm.num_groups
+    xg = x.reshape(b, groups, -1)
+    xn = ((xg - xg.mean(-1, keepdim=True)) / (xg.var(-1, unbiased=False, keepdim=True) + attn.norm.eps).sqrt())
+    xn = xn.reshape(b, channels, h * w) * attn.norm.weight[None, :, None] + attn.norm.bias[None, :, None]
+    qkv = torch.einsum("oc,bcn->bon", attn.qkv.weight[:, :, 0, 0], xn) + attn.qkv.bias[None, :, None]
+    q, k, v = qkv[:, :channels], qkv[:, channels:2 * channels], qkv[:, 2 * channels:]
+    d = channels // heads
+    heads_out = []
+    for i in range(heads):
+        qi, ki, vi = (m[:, i * d:(i + 1) * d] for m in (q, k, v))           # (b, d, n)
+        weights = torch.softmax(torch.einsum("bdn,bdm->bnm", qi, ki) / math.sqrt(d), dim=-1)
+        heads_out.append(torch.einsum("bnm,bdm->bdn", weights, vi))
+    a = torch.cat(heads_out, dim=1)
+    ref = x + (torch.einsum("oc,bcn->bon", attn.proj.weight[:, :, 0, 0], a)
+               + attn.proj.bias[None, :, None]).reshape(b, channels, h, w)
+    assert (out - x).abs().max() > 1e-2
+    assert torch.allclose(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_resblock_uses_the_time_embedding():
+    """Adding the projected embedding must survive the GroupNorm after it (a norm with one channel per group
+    subtracts every per-channel constant, which would make the network blind to t and y)."""
+    for in_ch, out_ch in [(16, 16), (16, 32), (32, 32), (64, 64)]:
+        torch.manual_seed(2)
+        block = perturb_zero_params(ResBlock(in_ch, out_ch, emb_dim=8, dropout=0.0))
+        x = torch.randn(2, in_ch, 6, 6)
+        with torch.no_grad():
+            a = block(x, torch.randn(2, 8))
+            b = block(x, torch.randn(2, 8))
+        assert (a - b).abs().max() > 1e-2, (in_ch, out_ch)
+
+
+# ---- the U-Net -------------------------------------------------------------------------------------------------
+
+def test_paper_model_has_35_7m_parameters(capsys):
+    model = UNet.from_config(load_config(None))
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - 35.7e6) <= 0.03 * 35.7e6, n
+    assert model.num_params() == n
+    assert f"UNet: {n / 1e6:.2f}M parameters" in capsys.readouterr().out
+
+
+def test_verbose_prints_the_parameter_count(capsys):
+    model = UNet(**TINY, verbose=True)
+    n = sum(p.numel() for p in model.parameters())
+    out = capsys.readouterr().out
+    assert out.strip() == f"UNet: {n / 1e6:.2f}M parameters"
+    UNet(**TINY, verbose=False)
+    assert capsys.readouterr().out == ""
+    UNet.from_config(load_config(None, TINY_OVERRIDES), verbose=False)
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("size, channels, mults, attn", [
+    (28, 1, (1, 2, 2), (14,)),       # 28 -> 14 -> 7: two halvings divide 28
+    (28, 3, (1, 2, 2), (14,)),
+    (32, 3, (1, 2, 2, 2), (16,)),
+    (32, 1, (1, 2, 2, 2), (16,)),
+    (64, 3, (1, 2, 2, 2), (16,)),
+    (64, 1, (1, 1, 2, 2), (16, 8)),
+])
+def test_output_shape_equals_input_and_starts_at_zero(size, channels, mults, attn):
+    torch.manual_seed(3)
+    model = UNet(image_channels=channels, base_channels=16, channel_mults=mults, num_res_blocks=1,
+                 attention_resolutions=attn, image_size=size, dropout=0.0)
+    x = torch.randn(2, channels, size, size)
+    t = torch.tensor([0, 999])
+    with torch.no_grad():
+        out = model(x, t)
+    assert out.shape == x.shape
+    assert torch.all(out == 0)  # the output convolution is zero-initialised
+    # some attention was placed (the resolutions named exist), and the network is not blind to its input
+    assert any(isinstance(m, Attention) for m in model.modules())
+    perturb_zero_params(model)
+    with torch.no_grad():
+        out = model(x, t)
+    assert out.shape == x.shape and torch.isfinite(out).all() and out.abs().max() > 0
+
+
+def test_attention_is_placed_at_the_named_resolutions():
+    # 16x16 (level 0), 8x8 (level 1): attention only at 8, i.e. in level 1's blocks, the middle, and level 1 up
+    for nrb in (1, 2):
+        model = UNet(**{**TINY, "num_res_blocks": nrb})
+        n_attn = sum(isinstance(m, Attention) for m in model.modules())
+        assert n_attn == nrb + 1 + (nrb + 1), nrb
+        model = UNet(**{**TINY, "num_res_blocks": nrb, "attention_resolutions": (16,)})
+        assert sum(isinstance(m, Attention) for m in model.modules()) == nrb + 1 + (nrb + 1)
+        model = UNet(**{**TINY, "num_res_blocks": nrb, "attention_resolutions": ()})
+        assert sum(isinstance(m, Attention) for m in model.modules()) == 1  # the middle always has one
+
+
+def test_output_depends_on_t():
+    model = perturb_zero_params(tiny(seed=4))
+    x = torch.randn(1, 3, 16, 16).expand(2, -1, -1, -1)
+    with torch.no_grad():
+        out = model(x, torch.tensor([3, 700]))
+    assert (out[0] - out[1]).abs().max() > 1e-2
+
+
+def test_class_labels_and_the_null_label():
+    model = tiny(seed=5, num_classes=4)
+    assert model.label_emb.num_embeddings == 5  # labels 0..3 and the null label 4
+    x = torch.randn(3, 3, 16, 16)
+    t = torch.tensor([10, 10, 10])
+    with torch.no_grad():
+        assert torch.all(model(x, t, torch.tensor([0, 1, 2])) == 0)  # zero output at init, with labels too
+        perturb_zero_params(model)
+        none = model(x, t, None)
+        null = model(x, t, torch.full((3,), 4))
+        assert torch.equal(none, null)
+        xs = x[:1].expand(4, -1, -1, -1)
+        per_label = model(xs, torch.full((4,), 10), torch.arange(4))
+        null1 = model(x[:1], t[:1], None)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert (per_label[i] - per_label[j]).abs().max() > 1e-3, (i, j)
+        assert (per_label[i] - null1[0]).abs().max() > 1e-3, i
+
+
+def test_unconditional_model_has_no_label_embedding():
+    model = tiny()
+    assert model.label_emb is None
+    assert not any("label_emb" in k for k in model.state_dict())
+
+
+def test_num_heads_must_divide_the_channels():
+    with pytest.raises(ValueError, match="num_heads"):
+        UNet(**{**TINY, "num_heads": 3})   # 32 channels at 8x8 (the attention resolution)
+    with pytest.raises(ValueError, match="num_heads"):
+        Attention(10, 4)
+    model = UNet(**{**TINY, "num_heads": 4})  # 4 divides 16 and 32
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 16, 16), torch.tensor([1])).shape == (1, 3, 16, 16)
+
+
+def test_from_config_refuses_unresolved_auto_classes():
+    cfg = load_config(None, TINY_OVERRIDES + ["model.num_classes=auto"])
+    with pytest.raises(ValueError, match="auto"):
+        UNet.from_config(cfg, verbose=False)
+
+
+def test_small_model_overfits_a_small_batch():
+    torch.manual_seed(6)
+    model = UNet(**TINY).train()
+    d = GaussianDiffusion(model, timesteps=100)
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    t = torch.tensor([5, 30, 60, 90])
+    noise = torch.randn(4, 3, 16, 16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(200):
+        loss = d.loss(x0, t=t, noise=noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    # the model starts at exactly 0, so the first loss is mean(noise^2)
+    assert losses[0] == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)
+    final = sum(losses[-10:]) / 10
+    assert final < 0.5 * losses[0], (losses[0], final)
+
+
+def test_gradients_reach_every_parameter():
+    """After the zero-initialised layers are perturbed, every parameter gets a gradient (nothing is dead)."""
+    model = perturb_zero_params(tiny(seed=7, num_classes=3)).train()
+    d = GaussianDiffusion(model, timesteps=50)
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    d.loss(x0, y=torch.tensor([0, 1, 2, 0]), t=torch.tensor([1, 10, 20, 40])).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("label_emb"):
+            # rows 0..2 are used (row 3, the null label, is not, with cond_drop_prob=0)
+            assert p.grad[:3].abs().sum(1).min() > 0 and torch.all(p.grad[3] == 0)
+            continue
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------
+
+def make_state(cfg, model):
+    return {"step": 7, "config": to_dict(cfg), "model": model.state_dict(), "ema": model.state_dict(),
+            "log": {"step": [1, 2], "loss": [0.5, 0.25]}}
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = load_config(None, TINY_OVERRIDES)
+    model = perturb_zero_params(UNet.from_config(cfg, verbose=False))
+    path = str(tmp_path / "sub" / "last.pt")
+    save_checkpoint(make_state(cfg, model), path)
+    ckpt = load_checkpoint(path)
+    assert ckpt["format"] == "ddpm-checkpoint-v1"
+    assert ckpt["step"] == 7 and ckpt["log"] == {"step": [1, 2], "loss": [0.5, 0.25]}
+    assert ckpt["config"] == to_dict(cfg)
+    sd = model.state_dict()
+    assert set(ckpt["model"]) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(ckpt["model"][k], v), k
+    assert [p.name for p in tmp_path.joinpath("sub").iterdir()] == ["last.pt"]  # no temporary file left over
+    # a model built from the checkpoint's config computes the same function
+    cfg2, diffusion = diffusion_from_checkpoint(ckpt, "cpu")
+    assert cfg2 == cfg and not diffusion.training and diffusion.num_timesteps == 20
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 19])
+    with torch.no_grad():
+        assert torch.equal(diffusion.model(x, t), model.eval()(x, t))
+
+
+def assert_one_line_user_error(excinfo, *fragments):
+    msg = str(excinfo.value)
+    assert "\n" not in msg and msg
+    for f in fragments:
+        assert f in msg, (f, msg)
+
+
+def test_load_checkpoint_errors(tmp_path):
+    missing = str(tmp_path / "nope.pt")
+    with pytest.raises(UserError) as e:
+        load_checkpoint(missing)
+    assert_one_line_user_error(e, missing, "not found")
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(str(junk))
+    assert_one_line_user_error(e, str(junk))
+
+    text = tmp_path / "notes.pt"
+    text.write_text("line one\nline two\n")
+    with pytest.raises(UserError) as e:
+        load_checkpoint(str(text))
+    assert_one_line_user_error(e, str(text))
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, str(foreign))
+    with pytest.raises(UserError) as e:
+        load_checkpoint(str(foreign))
+    assert_one_line_user_error(e, str(foreign), "ddpm-checkpoint-v1")
+
+    tensor_file = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), str(tensor_file))
+    with pytest.raises(UserError) as e:
+        load_checkpoint(str(tensor_file))
+    assert_one_line_user_error(e, "ddpm-checkpoint-v1")
+
+    folder = tmp_path / "a_folder.pt"
+    folder.mkdir()
+    with pytest.raises(UserError):
+        load_checkpoint(str(folder))
+
+
+def test_load_weights_names_the_mismatch():
+    small = tiny(base_channels=16)
+    other = tiny(base_channels=32)
+    with pytest.raises(UserError) as e:
+        load_weights(small, other.state_dict(), "the checkpoint's weights")
+    msg = str(e.value)
+    assert "\n" not in msg and "the checkpoint's weights" in msg
+    named = [k for k, v in small.state_dict().items() if f"'{k}'" in msg]
+    assert len(named) == 1 and small.state_dict()[named[0]].shape != other.state_dict()[named[0]].shape
+    assert str(list(other.state_dict()[named[0]].shape)) in msg
+
+    # a missing key is named too (a conditional checkpoint into an unconditional model)
+    cond = tiny(num_classes=3)
+    with pytest.raises(UserError) as e:
+        load_weights(small, cond.state_dict(), "weights")
+    assert "label_emb.weight" in str(e.value)
+
+    # and matching weights load
+    src = perturb_zero_params(tiny(seed=9))
+    dst = tiny(seed=10)
+    load_weights(dst, src.state_dict(), "weights")
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+
+
+def test_check_same_architecture_names_the_field():
+    cfg = load_config(None, TINY_OVERRIDES)
+    ckpt = {"config": to_dict(cfg)}
+    check_same_architecture(ckpt, cfg, "x.pt")  # the same: no error
+    check_same_architecture(ckpt, load_config(None, TINY_OVERRIDES + ["model.dropout=0.3"]), "x.pt")
+    check_same_architecture(ckpt, load_config(None, TINY_OVERRIDES + ["train.lr=1e-3"]), "x.pt")
+    for override, field in [("model.base_channels=32", "model.base_channels"),
+                            ("model.channel_mults=[1,1]", "model.channel_mults"),
+                            ("model.num_classes=10", "model.num_classes"),
+                            ("data.channels=1", "data.channels"),
+                            ("data.image_size=32", "data.image_size"),
+                            ("diffusion.timesteps=30", "diffusion.timesteps")]:
+        other = load_config(None, TINY_OVERRIDES + [override])
+        with pytest.raises(UserError) as e:
+            check_same_architecture(ckpt, other, "x.pt")
+        msg = str(e.value)
+        assert "\n" not in msg and field in msg and "x.pt" in msg, (override, msg)
+        # only the field that differs is named
+        for _, f in [("", "model.base_channels"), ("", "data.channels"), ("", "diffusion.timesteps")]:
+            if f != field:
+                assert f not in msg, (override, msg)
+

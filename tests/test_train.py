@@ -1,0 +1,248 @@
+"""train.py: outputs of a short run, exact resume after SIGKILL, atomic checkpoints, accumulation, AMP, bad input."""
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import CONFIG, ROOT, TINY, assert_one_line_error, run_script
+from PIL import Image
+
+import train
+from checkpoint import load_checkpoint, save_checkpoint
+from config import load_config
+from dataset import build_dataset
+from diffusion import GaussianDiffusion
+
+
+def run_train(tmp_path, monkeypatch, *extra, name="t"):
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    train.main(["--config", CONFIG, "--name", name, *TINY, *extra])
+    return tmp_path / "checkpoints" / name, tmp_path / "results" / name
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_short_run_writes_every_output(tmp_path, monkeypatch):
+    ckpt_dir, out = run_train(tmp_path, monkeypatch, "train.max_steps=6", "train.sample_every=3")
+    assert sorted(os.listdir(ckpt_dir)) == ["last.pt", "step_0000005.pt", "step_0000006.pt"]
+    ckpt = load_checkpoint(str(ckpt_dir / "last.pt"))
+    assert ckpt["step"] == 6 and ckpt["config"]["name"] == "t"
+    assert len(list((out / "logs").glob("events.out.tfevents.*"))) == 1
+    rows = read_csv(out / "plots" / "losses.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(float(r["loss"])) and float(r["loss"]) > 0 for r in rows)
+    assert Image.open(out / "plots" / "loss.png").size[0] > 100
+    for step in (3, 6):
+        grid = Image.open(out / "samples" / f"step_{step:07d}.png")
+        assert grid.size == (2 + 2 * (8 + 2), 2 + 2 * (8 + 2))  # 4 samples of 8x8: a 2x2 grid, 2px padding
+    assert load_config(str(out / "config.yaml")).model.base_channels == 16
+
+
+def test_keep_last_prunes_old_step_checkpoints(tmp_path, monkeypatch):
+    ckpt_dir, _ = run_train(tmp_path, monkeypatch, "train.max_steps=8", "train.save_every=2", "train.keep_last=2")
+    assert sorted(os.listdir(ckpt_dir)) == ["last.pt", "step_0000006.pt", "step_0000008.pt"]
+    # a kept step file is its own snapshot, not a view of last.pt
+    assert load_checkpoint(str(ckpt_dir / "step_0000006.pt"))["step"] == 6
+
+
+def weights(path):
+    ckpt = load_checkpoint(str(path))
+    return ckpt["model"], ckpt["ema"], ckpt["optimizer"]["state"]
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    """A run killed with SIGKILL and resumed logs the same loss at every later step and ends with the same
+    weights, EMA and optimiser state as a run that was never interrupted."""
+    args = [os.path.join(ROOT, "train.py"), "--config", CONFIG, "--name", "r", *TINY, "data.image_size=16",
+            "model.attention_resolutions=[8]", "train.max_steps=60", "train.save_every=4", "model.dropout=0.1"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    assert run_script(args, whole).returncode == 0
+
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *args], cwd=killed, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "r" / "step_0000008.pt").exists() and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    stopped_at = load_checkpoint(str(killed / "checkpoints" / "r" / "last.pt"))["step"]
+    assert 8 <= stopped_at < 60
+    resumed = run_script(args, killed)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from checkpoints/r/last.pt at step {stopped_at}" in resumed.stdout
+
+    a = read_csv(whole / "results" / "r" / "plots" / "losses.csv")
+    b = read_csv(killed / "results" / "r" / "plots" / "losses.csv")
+    assert [(r["step"], r["loss"]) for r in a] == [(r["step"], r["loss"]) for r in b]
+    for wa, wb in zip(weights(whole / "checkpoints" / "r" / "last.pt"),
+                      weights(killed / "checkpoints" / "r" / "last.pt")):
+        flat_a = wa if isinstance(next(iter(wa.values())), torch.Tensor) else \
+            {f"{k}.{n}": v for k, s in wa.items() for n, v in s.items()}
+        flat_b = wb if isinstance(next(iter(wb.values())), torch.Tensor) else \
+            {f"{k}.{n}": v for k, s in wb.items() for n, v in s.items()}
+        assert flat_a.keys() == flat_b.keys()
+        for k in flat_a:
+            assert torch.equal(flat_a[k], flat_b[k]), k
+
+
+def test_failed_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def broken_save(obj, f):
+        real_save(obj, f)
+        f.write(b"garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
+
+
+KILLER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from checkpoint import save_checkpoint
+step = 0
+while True:
+    step += 1
+    save_checkpoint({{"step": step, "w": torch.full((4_000_000,), float(step))}}, {path!r})
+"""
+
+
+def test_sigkill_during_checkpoint_writes_leaves_a_loadable_last_pt(tmp_path):
+    path = str(tmp_path / "last.pt")
+    script = tmp_path / "writer.py"
+    script.write_text(KILLER.format(root=ROOT, path=path))
+    for delay in (0.03, 0.11, 0.29):
+        proc = subprocess.Popen([sys.executable, str(script)])
+        deadline = time.time() + 60
+        while not os.path.exists(path) and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)  # now in the middle of some later write
+        proc.kill()
+        proc.wait()
+        ckpt = load_checkpoint(path)  # must never be a half-written file
+        assert torch.equal(ckpt["w"], torch.full((4_000_000,), float(ckpt["step"])))
+
+
+def make_trainer(*overrides):
+    cfg = load_config(CONFIG, [*TINY, *overrides])
+    torch.set_num_threads(1)
+    return train.Trainer(cfg, torch.device("cpu"), 0, 1, build_dataset(cfg.data), print)
+
+
+def test_gradient_accumulation_matches_one_big_step():
+    one, two = make_trainer("train.grad_accum=1"), make_trainer("train.grad_accum=2")
+    for _ in range(3):
+        loss1, norm1 = one.train_step()
+        loss2, norm2 = two.train_step()
+        assert torch.allclose(loss1, loss2, rtol=1e-5) and torch.allclose(norm1, norm2, rtol=1e-4)
+    for (k, p1), p2 in zip(one.model.named_parameters(), two.model.parameters()):
+        assert torch.allclose(p1, p2, atol=1e-6), k
+    assert not torch.equal(next(one.model.parameters()), next(make_trainer().model.parameters()))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cpu(precision):
+    try:
+        with torch.autocast("cpu", dtype=torch.float16 if precision == "fp16" else torch.bfloat16):
+            torch.ones(2, 2) @ torch.ones(2, 2)
+    except RuntimeError:
+        pytest.skip(f"this PyTorch has no CPU autocast for {precision}")
+    trainer = make_trainer(f"train.precision={precision}")
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    for _ in range(3):
+        loss, norm = trainer.train_step()
+        assert torch.isfinite(loss) and torch.isfinite(norm)
+    assert trainer.scaler.get_scale() == (2.0 ** 16 if precision == "fp16" else 1.0)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert all(p.dtype == torch.float32 for p in trainer.ema.parameters())
+
+
+def test_non_finite_loss_skips_the_step(monkeypatch):
+    trainer = make_trainer()
+    trainer.train_step()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    real_loss = GaussianDiffusion.loss
+    monkeypatch.setattr(GaussianDiffusion, "loss", lambda self, *a, **k: real_loss(self, *a, **k) * float("nan"))
+    loss, _ = trainer.train_step()
+    assert not torch.isfinite(loss) and int(trainer.bad_streak) == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    monkeypatch.setattr(GaussianDiffusion, "loss", real_loss)
+    trainer.train_step()
+    assert int(trainer.bad_streak) == 0 and int(trainer.bad_total) == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_repeated_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    ckpt_dir, _ = run_train(tmp_path, monkeypatch, "train.max_steps=5")
+    good = (ckpt_dir / "last.pt").read_bytes()
+    real_loss = GaussianDiffusion.loss
+    monkeypatch.setattr(GaussianDiffusion, "loss", lambda self, *a, **k: real_loss(self, *a, **k) * float("inf"))
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, monkeypatch, "train.max_steps=20", "train.max_nonfinite=3")
+    assert e.value.code == 2
+    assert (ckpt_dir / "last.pt").read_bytes() == good
+
+
+def test_lr_schedule_and_ema_warmup():
+    cfg = load_config(CONFIG, ["train.warmup_steps=10", "train.max_steps=110", "train.lr_schedule=cosine"])
+    assert train.lr_factor(0, cfg) == pytest.approx(0.1) and train.lr_factor(9, cfg) == pytest.approx(1.0)
+    assert train.lr_factor(60, cfg) == pytest.approx(0.5)  # half-way through the cosine
+    assert train.lr_factor(110, cfg) == pytest.approx(0.0, abs=1e-12)
+    cfg.train.lr_schedule = "constant"
+    assert train.lr_factor(100, cfg) == 1.0
+    assert train.ema_decay(0, 0.9999) == pytest.approx(0.1) and train.ema_decay(10**7, 0.9999) == 0.9999
+
+
+def test_no_option_is_a_torchrun_prefix():
+    from torch.distributed.run import get_args_parser
+    theirs = [o for a in get_args_parser()._actions for o in a.option_strings if o.startswith("--")]
+    ours = ["--config", "--name", "--resume", "--device"]
+    assert train.parse_args(["--config", "c", "--name", "n", "--resume", "never", "--device", "cpu"]).name == "n"
+    assert not [(o, t) for o in ours for t in theirs if t.startswith(o)]
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["model.nope=1"], ["model.nope", "base_channels"]),
+    (["train.batch_size=big"], ["train.batch_size", "int"]),
+    (["train.max_steps=-5"], ["train.max_steps"]),
+    (["data.dataset=folder", "data.root=/nonexistent/images"], ["/nonexistent/images"]),
+])
+def test_bad_input_is_one_line(tmp_path, extra, needles):
+    proc = run_script([os.path.join(ROOT, "train.py"), "--config", CONFIG, *TINY, *extra], tmp_path)
+    assert_one_line_error(proc, *needles)
+
+
+def test_checkpoint_from_another_architecture(tmp_path):
+    base = [os.path.join(ROOT, "train.py"), "--config", CONFIG, "--name", "a", *TINY]
+    assert run_script([*base, "train.max_steps=2"], tmp_path).returncode == 0
+    proc = run_script([*base, "train.max_steps=4", "model.base_channels=32"], tmp_path)
+    assert_one_line_error(proc, "model.base_channels", "16", "32")
+    proc = run_script([*base, "train.max_steps=4", "--resume", "never"], tmp_path)
+    assert_one_line_error(proc, "last.pt")
+
+
+def test_unknown_checkpoint_file(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    proc = run_script([os.path.join(ROOT, "train.py"), "--config", CONFIG, *TINY, "--resume",
+                       str(tmp_path / "junk.pt")], tmp_path)
+    assert_one_line_error(proc, "junk.pt")
+

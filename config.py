@@ -201,7 +201,7 @@ def validate(cfg: Config) -> Config:
     _check(df.timesteps >= 1, f"diffusion.timesteps must be at least 1, got {df.timesteps}")
     _check(0.0 < df.beta_start <= df.beta_end < 1.0,
            f"need 0 < diffusion.beta_start <= diffusion.beta_end < 1, got {df.beta_start}, {df.beta_end}")
-    for key in ("warmup_steps", "keep_last", "num_workers", "fid_every"):
+    for key in ("max_steps", "warmup_steps", "keep_last", "num_workers", "fid_every"):
         _check(getattr(t, key) >= 0, f"train.{key} must be >= 0, got {getattr(t, key)}")
     for key in ("batch_size", "grad_accum", "log_every", "save_every", "sample_every", "sample_n",
                 "max_nonfinite", "fid_samples"):

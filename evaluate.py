@@ -69,10 +69,10 @@ def fid_of(diffusion, cfg, n, device, extractor=None, cache_dir=REF_CACHE) -> fl
     The model is put in eval mode for sampling and given back in the mode it was in."""
     if n < 2:
         raise UserError(f"FID needs at least 2 samples, got n={n}")
-    extractor = extractor or load_extractor(None, device)
+    extractor = load_extractor(None, device) if extractor is None else extractor
     ref = reference_stats(cfg.data, extractor, cache_dir, batch_size=cfg.sample.batch_size)
     s = cfg.sample
-    num_classes = diffusion.model.num_classes
+    num_classes = cfg.model.num_classes if cfg.model.num_classes != "auto" else diffusion.model.num_classes
     labels = cycle(list(range(num_classes)), n) if num_classes else None  # conditional: every class equally
     was_training = diffusion.training
     diffusion.eval()
@@ -136,6 +136,8 @@ def sample_checkpoint(args, device):
                      seed=s.seed, device=device, precision=s.precision, class_labels=labels,
                      guidance_scale=s.guidance_scale)
     del diffusion
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # room for the Inception's activations
     files = [os.path.join(folder, f"{i:07d}.png") for i in range(n)]
     data = DataConfig(dataset="folder", root=folder, image_size=cfg.data.image_size, channels=cfg.data.channels)
     samples = ImageDataset(data, torch.full((n,), -1), [], files=files)
@@ -151,7 +153,7 @@ def folder_samples(args):
     folder = args.samples_dir
     if not os.path.isdir(folder):
         raise UserError(f"--samples-dir '{folder}' does not exist; give --ckpt to generate samples into it")
-    ds = build_dataset(DataConfig(dataset="folder", root=folder, image_size=8, channels=3))
+    ds = build_dataset(DataConfig(dataset="folder", root=folder, image_size=8, channels=3))  # to list the files
     with Image.open(ds.files[0]) as img:
         size = min(img.size)
     ds = build_dataset(DataConfig(dataset="folder", root=folder, image_size=size, channels=3))
@@ -249,7 +251,7 @@ def main(argv=None):
                            "guidance_scale": None, "class_label": None, "seed": None}
         samples, n = folder_samples(args)
         channels = 3
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.samples_dir)), "metrics.json")
+        out = args.out or os.path.join(os.path.dirname(os.path.normpath(args.samples_dir)), "metrics.json")
     check_writable(out)
     read_records(out)  # a damaged file fails before the work, not after
     ref_data, ref_name = reference_data(args, cfg, samples.cfg.image_size, channels)

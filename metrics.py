@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from dataset import build_dataset, load_uint8
+from dataset import build_dataset
 from utils import UserError, atomic_write
 
 # torch-fidelity downloads the weights under the first name, pytorch-fid under the second; the -6726825d
@@ -162,7 +162,8 @@ class InceptionExtractor:
             raise UserError("FID needs torch-fidelity: pip install -r requirements-eval.txt") from None
         with open(weights, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
-        if not digest.startswith(WEIGHTS_SHA256):
+        if not digest.startswith(WEIGHTS_SHA256):  # other weights: their own reference statistics
+            self.name = f"inception-{digest[:8]}"
             print(f"warning: {weights} is not the standard pt_inception-2015-12-05 file (SHA-256 {digest[:8]}, "
                   f"expected {WEIGHTS_SHA256}...); scores will not be comparable with published ones")
         try:  # with a path, torch-fidelity reads the file and never downloads
@@ -269,9 +270,7 @@ def reference_stats(data, extractor, cache_dir: str, batch_size: int = 500) -> d
                     return stats
         except Exception:  # a damaged cache is computed again
             pass
-    ds = ds or build_dataset(data)
-    if data.dataset != "folder":  # the torchvision sets and shapes are in memory; a folder is streamed
-        load_uint8(ds, data)
+    ds = ds or build_dataset(data)  # the torchvision sets and shapes are in memory; a folder is streamed
     features, _ = extract_features(extractor, image_batches(ds, batch_size), len(ds), desc="reference features")
     if len(features) < 2:
         raise UserError(f"the reference set ({data.dataset} {data.root}) needs at least 2 images")

@@ -162,9 +162,11 @@ def save_process(diffusion, path, n, labels, columns=10, **kwargs) -> int:
     return m
 
 
-def save_gif(diffusion, path, n, labels, frames=24, **kwargs) -> int:
+def save_gif(diffusion, path, n, labels, frames=20, **kwargs) -> int:
     """An animated GIF of a grid of up to 16 samples being denoised: x_t at `frames` evenly spaced steps
-    of the sampler, then the final samples, held for two seconds. Returns the number of samples."""
+    of the sampler, then the final samples, held for two seconds. Mostly noise, which GIF cannot compress:
+    about 20 KB a frame for 16 images of 32 x 32, so 20 frames keep it README-sized. Returns the number of
+    samples."""
     m = min(16, n)
     x, trajectory, _ = denoise(diffusion, m, labels, frames, **kwargs)
     grids = [make_grid(to_uint8(images)) for images in trajectory["x_t"] + [x]]
@@ -284,6 +286,7 @@ def maybe_compile(diffusion, cfg, device, n, y) -> None:
     """torch.compile the U-Net on CUDA when train.compile is 'auto' or true; eager if compiling fails."""
     if device.type != "cuda" or cfg.train.compile is False:
         return
+    print("compiling the model (train.compile=false skips this)")
     eager = diffusion.model
     diffusion.model = torch.compile(eager)
     try:  # compile now, with one DDIM step at the first batch's shape, so a failure is caught here
@@ -358,7 +361,7 @@ def main(argv=None):
         save_forward(cfg, diffusion.model, args.forward, schedules, n, s.seed)
         print(f"forward: {args.forward}")
     if sampled:
-        print(f"sampled {sampled} images in {elapsed:.1f} s ({sampled / elapsed:.1f} images/s)")
+        print(f"sampled {sampled} images in {elapsed:.1f} s ({sampled / elapsed:.3g} images/s)")
 
 
 if __name__ == "__main__":

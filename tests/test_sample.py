@@ -1,0 +1,302 @@
+"""sample.py on tiny random checkpoints (16x16 images, T=20): the pictures it writes, the resumable
+folder, seeds, class labels, and one-line errors for bad input."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image, ImageSequence
+
+import config
+import sample
+from checkpoint import diffusion_from_checkpoint, load_checkpoint, save_checkpoint
+from model import UNet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE, PAD, T = 16, 2, 20
+
+
+def make_checkpoint(path, *overrides):
+    cfg = config.load_config(os.path.join(ROOT, "configs", "cifar10.yaml"), [
+        "name=tiny", "model.base_channels=16", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
+        "model.attention_resolutions=[8]", "model.dropout=0.0", f"data.image_size={SIZE}", "data.dataset=shapes",
+        "data.num_images=64", f"data.root={path.parent / 'data'}", f"diffusion.timesteps={T}", "sample.steps=5",
+        "sample.n=4", "sample.batch_size=4", *overrides])
+    torch.manual_seed(0)
+    sd = UNet.from_config(cfg, verbose=False).state_dict()
+    # the zero-initialised output layers would make every block the identity and ignore t and the label
+    for k, v in sd.items():
+        if k.endswith("weight") and not v.any():
+            sd[k] = torch.randn(v.shape) * 0.1
+    ema = {k: v + 0.02 * torch.randn(v.shape) if k == "conv_out.weight" else v for k, v in sd.items()}
+    save_checkpoint({"step": 0, "config": config.to_dict(cfg), "model": sd, "ema": ema}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("uncond") / "last.pt")
+
+
+@pytest.fixture(scope="module")
+def cond_ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("cond") / "last.pt", "model.num_classes=3")
+
+
+def run(*argv):
+    sample.main([str(a) for a in argv])
+
+
+def fails(capsys, *argv) -> str:
+    """Run in-process; expect exit code 2 and exactly one 'error: ...' line on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(*argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def grid_size(n, nrow):
+    """(width, height) of a grid of n SIZE x SIZE images, nrow per row, PAD pixels around each."""
+    return nrow * (SIZE + PAD) + PAD, math.ceil(n / nrow) * (SIZE + PAD) + PAD
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# ---- grids, seeds, samplers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 5, 9])
+def test_grid_is_about_square(ckpt, tmp_path, n):
+    run("--ckpt", ckpt, "--n", n, "--out", tmp_path / "grid.png")
+    assert Image.open(tmp_path / "grid.png").size == grid_size(n, math.ceil(math.sqrt(n)))
+
+
+def test_default_output_is_the_grid_under_results(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run("--ckpt", ckpt)
+    out = capsys.readouterr().out
+    assert Image.open(tmp_path / "results" / "tiny" / "grid.png").size == grid_size(4, 2)  # sample.n=4
+    assert os.path.join("results", "tiny", "grid.png") in out and "images/s" in out
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_same_seed_same_images_other_seed_other_images(ckpt, tmp_path, sampler):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        run("--ckpt", ckpt, "--sampler", sampler, "--n", 3, "--seed", seed, "--out", tmp_path / f"{name}.png")
+    assert read(tmp_path / "a.png") == read(tmp_path / "b.png")
+    assert read(tmp_path / "a.png") != read(tmp_path / "c.png")
+
+
+def test_options_change_the_images(ckpt, tmp_path):
+    """Flags override the checkpoint's sample section, positional overrides act like flags, and the
+    sampler, eta and the EMA choice all matter."""
+    def grid(name, *argv):
+        run("--ckpt", ckpt, "--n", 3, "--out", tmp_path / name, *argv)
+        return read(tmp_path / name)
+    base = grid("base.png", "--seed", 3)
+    assert grid("override.png", "sample.seed=3") == base
+    assert grid("flag_wins.png", "sample.seed=5", "--seed", 3) == base
+    others = [grid("ddpm.png", "--seed", 3, "--sampler", "ddpm"), grid("eta.png", "--seed", 3, "--eta", 1.0),
+              grid("raw.png", "--seed", 3, "--no-ema")]
+    assert len({base, *others}) == 4
+
+
+def test_generate(ckpt):
+    _, diffusion = diffusion_from_checkpoint(load_checkpoint(ckpt), "cpu")
+    gen = torch.Generator().manual_seed(0)
+    x, trajectory = sample.generate(diffusion, 2, sampler="ddim", steps=4, eta=0.0, generator=gen, device="cpu",
+                                    record=(T - 1, 0))
+    assert x.shape == (2, 3, SIZE, SIZE) and x.dtype == torch.float32 and x.abs().max() <= 1
+    assert trajectory["t"] == [T - 1, 0] and trajectory["x0"][0].shape == x.shape
+
+
+# ---- the folder of PNGs --------------------------------------------------------------------------------------
+
+
+def names(folder):
+    return sorted(os.listdir(folder))
+
+
+def test_save_dir_writes_n_files_and_adds_only_missing_ones(ckpt, tmp_path):
+    folder = tmp_path / "samples"
+    run("--ckpt", ckpt, "--n", 5, "--batch-size", 2, "--save-dir", folder)
+    assert names(folder) == [f"{i:07d}.png" for i in range(5)]
+    before = {f: (read(folder / f), os.stat(folder / f).st_mtime_ns) for f in names(folder)}
+    run("--ckpt", ckpt, "--n", 8, "--batch-size", 2, "--save-dir", folder)
+    assert names(folder) == [f"{i:07d}.png" for i in range(8)]
+    assert all((read(folder / f), os.stat(folder / f).st_mtime_ns) == old for f, old in before.items())
+    assert Image.open(folder / "0000007.png").size == (SIZE, SIZE)
+
+
+def test_resumed_folder_equals_one_made_in_one_go(ckpt, tmp_path, monkeypatch):
+    argv = ["--ckpt", ckpt, "--n", 7, "--batch-size", 3, "--sampler", "ddpm"]
+    run(*argv, "--save-dir", tmp_path / "once")
+    save_png = sample.save_png
+    def save_four_then_stop(image, path):
+        if len(names(tmp_path / "resumed")) == 4:  # killed in the middle of the second batch
+            raise KeyboardInterrupt
+        save_png(image, path)
+    monkeypatch.setattr(sample, "save_png", save_four_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(*argv, "--save-dir", tmp_path / "resumed")
+    monkeypatch.undo()
+    os.remove(tmp_path / "resumed" / "0000001.png")  # and a gap: image 1 lost
+    assert names(tmp_path / "resumed") == [f"{i:07d}.png" for i in (0, 2, 3)]
+    run(*argv, "--save-dir", tmp_path / "resumed")
+    assert names(tmp_path / "once") == names(tmp_path / "resumed") == [f"{i:07d}.png" for i in range(7)]
+    for f in names(tmp_path / "once"):
+        assert read(tmp_path / "once" / f) == read(tmp_path / "resumed" / f), f
+
+
+def test_sample_to_folder_returns_the_count(cond_ckpt, tmp_path):
+    _, diffusion = diffusion_from_checkpoint(load_checkpoint(cond_ckpt), "cpu")
+    kwargs = dict(batch_size=2, sampler="ddim", steps=2, eta=0.0, seed=0, device="cpu", guidance_scale=2.0)
+    assert sample.sample_to_folder(diffusion, str(tmp_path), 3, class_labels=[2, 0], **kwargs) == 3
+    assert sample.sample_to_folder(diffusion, str(tmp_path), 2, class_labels=torch.tensor([1, 1]), **kwargs) == 3
+
+
+# ---- pictures of the process ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler, frames", [("ddim", 5 + 1), ("ddpm", T + 1)])
+def test_gif_frames(ckpt, tmp_path, sampler, frames):
+    """A frame per recorded step (all of them when there are at most 20), then the final samples."""
+    run("--ckpt", ckpt, "--n", 20, "--sampler", sampler, "--gif", tmp_path / "d.gif")
+    gif = Image.open(tmp_path / "d.gif")
+    assert sum(1 for _ in ImageSequence.Iterator(gif)) == frames
+    assert gif.size == grid_size(16, 4)  # at most 16 images
+    assert not (tmp_path / "grid.png").exists() and not (tmp_path / "results").exists()
+
+
+def test_process_picture(ckpt, tmp_path):
+    """A row of x_t and a row of predicted x_0 per sample; a column per recorded step plus the result."""
+    run("--ckpt", ckpt, "--n", 3, "--process", tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").size == grid_size(2 * 3 * (5 + 1), 5 + 1)  # DDIM, 5 steps
+    run("--ckpt", ckpt, "--n", 30, "--sampler", "ddpm", "--process", tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").size == grid_size(2 * 8 * (10 + 1), 10 + 1)
+
+
+def test_forward_picture(ckpt, tmp_path):
+    pytest.importorskip("dataset")
+    columns = len([0, 1, 2, 4, 8, 16, T - 1])
+    run("--ckpt", ckpt, "--n", 3, "--forward", tmp_path / "f.png")
+    assert Image.open(tmp_path / "f.png").size == grid_size(3 * columns, columns)
+    run("--ckpt", ckpt, "--n", 3, "--forward", tmp_path / "f2.png", "--schedules", "linear,cosine")
+    assert Image.open(tmp_path / "f2.png").size == grid_size(2 * 3 * columns, columns)
+
+
+def test_forward_timesteps():
+    assert sample.forward_timesteps(1000) == [0, 50, 100, 200, 400, 800, 999]
+    assert sample.forward_timesteps(20) == [0, 1, 2, 4, 8, 16, 19]
+    assert sample.forward_timesteps(1) == [0]
+
+
+# ---- class-conditional checkpoints ---------------------------------------------------------------------------
+
+
+def spy_labels(monkeypatch):
+    """Record the labels of every generate() call."""
+    seen, generate = [], sample.generate
+    def spy(*args, y=None, **kwargs):
+        seen.append(None if y is None else y.tolist())
+        return generate(*args, y=y, **kwargs)
+    monkeypatch.setattr(sample, "generate", spy)
+    return seen
+
+
+def test_class_label_all_gives_a_row_per_class(cond_ckpt, tmp_path, monkeypatch, capsys):
+    seen = spy_labels(monkeypatch)
+    run("--ckpt", cond_ckpt, "--class-label", "all", "--n", 7, "--batch-size", 16, "--out", tmp_path / "g.png")
+    assert seen == [[0, 0, 1, 1, 2, 2]]  # 7 // 3 = 2 per class
+    assert Image.open(tmp_path / "g.png").size == grid_size(6, 2)
+    assert "2 images for each of the 3 classes" in capsys.readouterr().out
+
+
+def test_labels_cycle(cond_ckpt, tmp_path, monkeypatch):
+    seen = spy_labels(monkeypatch)
+    run("--ckpt", cond_ckpt, "--n", 5, "--batch-size", 16, "--out", tmp_path / "a.png")
+    run("--ckpt", cond_ckpt, "--n", 5, "--batch-size", 16, "--out", tmp_path / "b.png", "--class-label", "2,0")
+    assert seen == [[0, 1, 2, 0, 1], [2, 0, 2, 0, 2]]
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_guidance_with_every_output(cond_ckpt, tmp_path, sampler):
+    argv = ["--ckpt", cond_ckpt, "--sampler", sampler, "--n", 4, "--class-label", 1]
+    run(*argv, "--out", tmp_path / "plain.png")
+    run(*argv, "--guidance-scale", 3, "--out", tmp_path / "guided.png", "--save-dir", tmp_path / "s",
+        "--process", tmp_path / "p.png", "--gif", tmp_path / "g.gif")
+    assert read(tmp_path / "plain.png") != read(tmp_path / "guided.png")
+    assert len(names(tmp_path / "s")) == 4 and (tmp_path / "p.png").exists() and (tmp_path / "g.gif").exists()
+
+
+# ---- errors --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", 21], "sample.steps"),
+    (["--steps", 0], "sample.steps"),
+    (["--eta", -0.5], "sample.eta"),
+    (["--n", 0], "sample.n"),
+    (["--batch-size", 0], "sample.batch_size"),
+    (["--steps", "many"], "--steps"),
+    (["sample.colour=red"], "sample.colour"),
+    (["--class-label", 0], "class-conditional"),
+    (["--guidance-scale", 2], "class-conditional"),
+    (["--forward", "f.png", "--schedules", "linear,square"], "--schedules"),
+    (["--device", "tpu"], "tpu"),
+])
+def test_bad_options(ckpt, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert message in fails(capsys, "--ckpt", ckpt, "--out", tmp_path / "g.png", *argv)
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("label", ["3", "-1", "0,7", "cat"])
+def test_bad_class_labels(cond_ckpt, capsys, label):
+    assert "--class-label" in fails(capsys, "--ckpt", cond_ckpt, "--class-label", label)
+
+
+def test_bad_checkpoints(tmp_path, capsys):
+    assert "not found" in fails(capsys, "--ckpt", tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert "cannot read" in fails(capsys, "--ckpt", tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    assert "not a checkpoint of this toolkit" in fails(capsys, "--ckpt", tmp_path / "other.pt")
+
+
+def test_outputs_that_cannot_be_written(ckpt, tmp_path, capsys):
+    (tmp_path / "file").write_text("a regular file")
+    for flag in ("--out", "--process", "--gif", "--forward"):
+        assert "cannot write" in fails(capsys, "--ckpt", ckpt, flag, tmp_path / "file" / "x.png")
+    assert "cannot write" in fails(capsys, "--ckpt", ckpt, "--save-dir", tmp_path / "file")
+    assert "cannot write" in fails(capsys, "--ckpt", ckpt, "--save-dir", tmp_path / "file" / "samples")
+    assert "is a folder" in fails(capsys, "--ckpt", ckpt, "--out", tmp_path)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can write to read-only folders")
+def test_read_only_folder(ckpt, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert "cannot write" in fails(capsys, "--ckpt", ckpt, "--out", locked / "grid.png")
+        assert "cannot write" in fails(capsys, "--ckpt", ckpt, "--save-dir", locked)
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.parametrize("argv", [["--ckpt", "no/such/last.pt"], ["--ckpt", "x.pt", "--eta", "lots"]])
+def test_command_line_errors_are_one_line(tmp_path, argv):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""

@@ -105,18 +105,15 @@ class GaussianDiffusion(nn.Module):
 
     # ---- training ----------------------------------------------------------------------------------------
 
-    def loss(self, x0, y=None, t=None, noise=None, cond_drop_prob=0.0):
+    def loss(self, x0, y=None, t=None, noise=None):
         """L_simple (DDPM eq. 14): E_{t, x_0, eps} || target - model(x_t, t) ||^2 with t ~ U{0..T-1}.
 
         The target is eps, x_0, or v = sqrt(alpha-bar) eps - sqrt(1 - alpha-bar) x_0 (Salimans & Ho 2022).
-        With labels y, a fraction cond_drop_prob of them is replaced by the null label (classifier-free
-        guidance). t and noise may be given (for reproducible tests); returns a float32 scalar."""
+        y: labels (the null label num_classes where dropped for classifier-free guidance). t and noise may
+        be given (train.py draws them reproducibly); returns a float32 scalar."""
         b = x0.shape[0]
         t = torch.randint(0, self.num_timesteps, (b,), device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
-        if y is not None and cond_drop_prob > 0:
-            drop = torch.rand(b, device=y.device) < cond_drop_prob
-            y = torch.where(drop, torch.full_like(y, self.model.num_classes), y)
         out = self.model(self.q_sample(x0, t, noise), t, y)
         if self.objective == "eps":
             target = noise

@@ -274,6 +274,18 @@ def sample_grid(trainer, runlog, out_dir) -> None:
     runlog.image("samples", grid, trainer.step)
 
 
+def log_fid(trainer, runlog, out_dir, extractor) -> None:
+    """FID of train.fid_samples EMA samples, to TensorBoard and results/<name>/metrics.json."""
+    from evaluate import append_record, fid_of
+    cfg, step = trainer.cfg, trainer.step
+    fid = fid_of(trainer.ema_diffusion, cfg, cfg.train.fid_samples, trainer.device, extractor=extractor)
+    runlog.scalar("eval/fid", fid, step)
+    runlog.message(f"step {step}: FID {fid:.2f} ({cfg.train.fid_samples} samples)")
+    append_record(os.path.join(out_dir, "metrics.json"),
+                  {"step": step, "fid": fid, "n": cfg.train.fid_samples, "sampler": cfg.sample.sampler,
+                   "steps": cfg.sample.steps, "eta": cfg.sample.eta, "source": "train.fid_every"})
+
+
 @cli
 def main(argv=None):
     args = parse_args(argv)
@@ -300,6 +312,10 @@ def run(args, rank, world, device):
     if ckpt is not None:
         check_same_architecture(ckpt, cfg, path)
     quiet = rank != 0
+    fid = None
+    if t.fid_every and not quiet:  # load the Inception now: a missing weights file fails before training
+        from evaluate import load_extractor
+        fid = load_extractor(None, device)
     trainer = Trainer(cfg, device, rank, world, dataset, print)
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
@@ -322,13 +338,13 @@ def run(args, rank, world, device):
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        train_loop(trainer, runlog, stop, cfg, ckpt_dir, out_dir, rank, world, device)
+        train_loop(trainer, runlog, stop, cfg, ckpt_dir, out_dir, rank, world, device, fid)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def train_loop(trainer, runlog, stop, cfg, ckpt_dir, out_dir, rank, world, device):
+def train_loop(trainer, runlog, stop, cfg, ckpt_dir, out_dir, rank, world, device, fid_extractor):
     t, quiet = cfg.train, rank != 0
 
     loss_sum, n_logged, last_log, start = torch.zeros((), device=device), 0, time.perf_counter(), trainer.step
@@ -363,6 +379,8 @@ def train_loop(trainer, runlog, stop, cfg, ckpt_dir, out_dir, rank, world, devic
             runlog.advance(step)
             if step % t.sample_every == 0 or step == t.max_steps:
                 sample_grid(trainer, runlog, out_dir)
+            if t.fid_every and step % t.fid_every == 0:
+                log_fid(trainer, runlog, out_dir, fid_extractor)
         interrupted = stop["signal"] is not None and (world == 1 or at_log)
         if (step % t.save_every == 0 or step == t.max_steps or interrupted) and step != saved_step:
             if not quiet:

@@ -246,3 +246,33 @@ def test_unknown_checkpoint_file(tmp_path):
                        str(tmp_path / "junk.pt")], tmp_path)
     assert_one_line_error(proc, "junk.pt")
 
+
+
+def test_fid_every_logs_fid_to_metrics_file(tmp_path, monkeypatch):
+    import json
+
+    from test_evaluate import TinyExtractor
+
+    import evaluate
+    monkeypatch.setattr(evaluate, "load_extractor", lambda weights, device: TinyExtractor())
+    _, out = run_train(tmp_path, monkeypatch, "train.max_steps=4", "train.fid_every=2", "train.fid_samples=8",
+                       "sample.batch_size=8")
+    records = json.loads((out / "metrics.json").read_text())
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(math.isfinite(r["fid"]) and r["fid"] >= 0 and r["n"] == 8 for r in records)
+
+
+def test_label_dropout_rate_matches_cond_drop_prob():
+    """The fraction of labels replaced by the null label is cond_drop_prob (within 5 binomial std errors),
+    drawn over the global batch: two ranks' slices put together equal the one-process draw."""
+    n, p = 20_000, 0.3
+    cfg = load_config(CONFIG, [*TINY, f"train.batch_size={n}", f"train.cond_drop_prob={p}"])
+    gen = torch.Generator()
+    _, _, drop = train.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), True)
+    assert abs(drop.double().mean().item() - p) <= 5 * math.sqrt(p * (1 - p) / n)
+    halves = [train.step_randomness(gen, cfg, 7, (1, 2, 2), r, 2, torch.device("cpu"), True) for r in (0, 1)]
+    for i in range(3):
+        assert torch.equal(torch.cat([halves[0][i], halves[1][i]]),
+                           train.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), True)[i])
+    _, _, none = train.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), False)
+    assert none is None

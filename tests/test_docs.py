@@ -1,0 +1,27 @@
+"""The README documents every config field, and its first two commands are the ones CI relies on."""
+import dataclasses
+import os
+
+from helpers import ROOT
+
+from config import SECTIONS
+
+
+def readme():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+def test_every_config_field_is_in_the_reference():
+    text = readme()
+    reference = text[text.index("## Configuration reference"):text.index("## Troubleshooting")]
+    missing = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+               if f"`{f.name}`" not in reference]
+    assert not missing, f"README's configuration reference lacks {missing}"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    text = readme()
+    assert "python3 -m pip install -r requirements-dev.txt && python3 -m pytest -q" in text.split("\n## ")[0]
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        assert "python3 -m pytest -q" in f.read()

@@ -342,6 +342,8 @@ def run(args, rank, world, device):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if runlog is not None:
+            runlog.close()
 
 
 def train_loop(trainer, runlog, stop, cfg, ckpt_dir, out_dir, rank, world, device, fid_extractor):
@@ -388,12 +390,10 @@ def train_loop(trainer, runlog, stop, cfg, ckpt_dir, out_dir, rank, world, devic
             saved_step = step
         if interrupted:
             if not quiet:
-                runlog.close()
                 print(f"stopped by signal at step {step}; saved {ckpt_dir}/last.pt; run the same command to resume")
             raise SystemExit(128 + stop["signal"])
     if not quiet:
         runlog.write_files()
-        runlog.close()
         print(f"done: {t.max_steps} steps; checkpoint {ckpt_dir}/last.pt, outputs in {out_dir}/")
 
 

@@ -11,7 +11,6 @@ data.root, one sub-folder per class if labelled) and shapes (synthetic, generate
 
 prints what a config's data set holds and saves 64 of its images to results/data_preview.png.
 """
-import argparse
 import contextlib
 import glob
 import hashlib
@@ -27,7 +26,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from config import DataConfig, load_config
-from utils import UserError, atomic_write, cli, save_grid
+from utils import ArgumentParser, UserError, atomic_write, cli, save_grid
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHAPES = ["circle", "square", "triangle"]
@@ -381,7 +380,7 @@ class Batches:
 
 @cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Build a config's data set, describe it and save a preview "
+    parser = ArgumentParser(description="Build a config's data set, describe it and save a preview "
                                                  "grid of its images (downloading the set where needed).")
     parser.add_argument("--config", default=None, help="YAML config (default: configs/cifar10.yaml)")
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.dataset=shapes")

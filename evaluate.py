@@ -14,7 +14,6 @@ Features come from the Inception-v3 of the TF FID code with its standard weights
 (pip install -r requirements-eval.txt). The weights are read from the torch hub cache or --inception-weights;
 they are never downloaded here (see metrics.inception_weights for where they go).
 """
-import argparse
 import dataclasses
 import datetime
 import json
@@ -37,7 +36,7 @@ from metrics import (
     reference_stats,
 )
 from sample import check_writable, class_labels, cycle, existing_images, maybe_compile, sample_batches, sample_to_folder
-from utils import UserError, atomic_write, cli, resolve_device, to_uint8
+from utils import ArgumentParser, UserError, atomic_write, cli, resolve_device, to_uint8
 
 REF_CACHE = os.path.join("results", "fid_refs")
 REFS = {"cifar10-train": "cifar10", "mnist-train": "mnist", "fashion_mnist-train": "fashion_mnist"}
@@ -200,11 +199,6 @@ def append_record(path: str, record: dict) -> None:
 
 
 # ---- command line -------------------------------------------------------------------------------------------
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one 'error: ...' line and exit code 2, like every other user error
-        raise UserError(message)
 
 
 def parse_args(argv=None):

@@ -14,7 +14,6 @@ with batches aligned on multiples of --batch-size. So the same seed, checkpoint 
 images, and a --save-dir run that was interrupted and run again ends with exactly the files of one
 uninterrupted run (keep --batch-size the same when resuming).
 """
-import argparse
 import dataclasses
 import os
 import re
@@ -27,7 +26,17 @@ from PIL import Image
 
 from checkpoint import diffusion_from_checkpoint, load_checkpoint
 from diffusion import GaussianDiffusion
-from utils import UserError, atomic_write, autocast_dtype, cli, make_grid, resolve_device, save_image, to_uint8
+from utils import (
+    ArgumentParser,
+    UserError,
+    atomic_write,
+    autocast_dtype,
+    cli,
+    make_grid,
+    resolve_device,
+    save_image,
+    to_uint8,
+)
 
 FILE_NAME = re.compile(r"\d{7,}\.png")  # 0000000.png, 0000001.png, ... as written by sample_to_folder
 
@@ -206,11 +215,6 @@ def save_forward(cfg, model, path, schedules, n, seed) -> None:
 
 
 # ---- command line ------------------------------------------------------------------------------------------
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one 'error: ...' line and exit code 2, like every other user error
-        raise UserError(message)
 
 
 def parse_args(argv=None):

@@ -12,7 +12,6 @@ Reproducibility: the timesteps, noise and label dropout of step k are drawn from
 (seed, k) over the whole global batch, then sliced per process and micro-batch. So a resumed run, a run
 with gradient accumulation and a run on several processes see exactly the same numbers as one plain run.
 """
-import argparse
 import contextlib
 import copy
 import datetime
@@ -31,12 +30,12 @@ from config import config_from_dict, dump, load_config, to_dict
 from dataset import Batches, build_dataset, num_classes, preload_wanted
 from diffusion import GaussianDiffusion
 from model import UNet
-from utils import UserError, autocast_dtype, cli, make_grid, resolve_device, save_image, to_uint8
+from utils import ArgumentParser, UserError, autocast_dtype, cli, make_grid, resolve_device, save_image, to_uint8
 
 
 def parse_args(argv=None):
     # allow_abbrev=False, and no option is a prefix of one of torchrun's (it would swallow it)
-    p = argparse.ArgumentParser(description="Train a denoising diffusion model.", allow_abbrev=False)
+    p = ArgumentParser(description="Train a denoising diffusion model.", allow_abbrev=False)
     p.add_argument("--config", help="YAML config (default: configs/cifar10.yaml)")
     p.add_argument("--name", help="run name: outputs in checkpoints/NAME and results/NAME (default: config name)")
     p.add_argument("--resume", default="auto", help="auto (continue from last.pt if any), never, or a path")
@@ -122,6 +121,7 @@ class Trainer:
         self.cfg, self.device, self.rank, self.world, self.log = cfg, device, rank, world, log
         t = cfg.train
         if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with it
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(t.seed)
         self.model = UNet.from_config(cfg, verbose=rank == 0).to(device)

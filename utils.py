@@ -1,4 +1,5 @@
 """Small helpers shared by the scripts: user-facing errors, devices, atomic files, image grids."""
+import argparse
 import functools
 import math
 import os
@@ -22,6 +23,13 @@ def cli(main):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one 'error: ...' line and exit code 2, like every other user error."""
+
+    def error(self, message):
+        raise UserError(message)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -159,6 +159,30 @@ def test_gradient_accumulation_matches_one_big_step():
     assert not torch.equal(next(one.model.parameters()), next(make_trainer().model.parameters()))
 
 
+def test_compile_failure_falls_back_to_eager_on_the_same_batch(monkeypatch):
+    class Broken(torch.nn.Module):  # what torch.compile returns when its compiler breaks at the first call
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("simulated compiler failure\nwith a long second line")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: Broken(module))
+    messages = []
+    cfg = load_config(CONFIG, [*TINY, "train.compile=true"])
+    compiled = train.Trainer(cfg, torch.device("cpu"), 0, 1, build_dataset(cfg.data), messages.append)
+    plain = make_trainer()
+    for step in range(3):
+        loss, _ = compiled.first_step() if step == 0 else compiled.train_step()
+        assert torch.equal(loss, plain.train_step()[0])  # the failed attempt used up no batch and no step
+    assert not compiled.compiled and len(messages) == 1
+    assert "torch.compile failed (RuntimeError: simulated compiler failure)" in messages[0]
+    assert "train.compile=false" in messages[0]
+    for p1, p2 in zip(compiled.model.parameters(), plain.model.parameters()):
+        assert torch.equal(p1, p2)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_on_cpu(precision):
     try:

@@ -1,0 +1,134 @@
+"""bench/bench.py: the CPU smoke mode end to end, its FLOP count against a count by hand, merging runs,
+and bad input. The anchors are hidden behind modules that fail to import, so the test is the same whether
+or not diffusers and denoising-diffusion-pytorch are installed, and checks that a missing anchor is
+reported while ours is still measured. The speed figures themselves need the GPU (bench/README.md)."""
+import datetime
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, assert_one_line_error, run_script
+from PIL import Image
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import anchors  # noqa: E402
+
+import bench  # noqa: E402
+
+BENCH = os.path.join(ROOT, "bench", "bench.py")
+
+
+@pytest.fixture
+def missing_anchors(tmp_path):
+    """A PYTHONPATH entry under which `import diffusers` and `import denoising_diffusion_pytorch` fail."""
+    fake = tmp_path / "fake"
+    for package in ("diffusers", "denoising_diffusion_pytorch"):
+        (fake / package).mkdir(parents=True)
+        (fake / package / "__init__.py").write_text(f'raise ImportError("No module named {package!r}")\n')
+    return {"PYTHONPATH": f"{fake}{os.pathsep}{ROOT}"}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(16):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return str(root)
+
+
+def test_quick_run_measures_ours_and_reports_missing_anchors(tmp_path, folder, missing_anchors):
+    out = tmp_path / "results"
+    proc = run_script([BENCH, "--quick", "--device", "cpu", "--parts", "compute,sample,e2e,loss", "--data", folder,
+                       "--out", str(out)], cwd=tmp_path, env_extra=missing_anchors, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = out / f"cpu-quick-{datetime.date.today().isoformat()}.json"
+    record = json.loads(path.read_text())
+    for key in ("gpu", "date", "command", "torch", "results"):
+        assert record[key], key
+    assert "--parts compute,sample,e2e,loss" in record["command"]
+    ours = record["results"]["ours"]
+    for key in ("train_img_per_s", "train_e2e_img_per_s", "sample_ddim50_img_per_s", "fwd_gflop_per_img", "mfu"):
+        assert ours[key] > 0, key
+    assert "compute: eager" in ours["setting"] and "e2e: eager" in ours["setting"]
+    assert ours["params"] == sum(p.numel() for p in anchors.ours(torch.device("cpu"), quick=True).eager.parameters())
+    for name, package in (("diffusers", "diffusers"), ("lucidrains", "denoising-diffusion-pytorch")):
+        res = record["results"][name]
+        assert "not measured" in res["error"] and f"pip install {package}" in res["error"]
+        assert res["train_img_per_s"] is None and res["sample_ddim50_img_per_s"] is None
+    lc = record["loss_curve"]
+    steps = [[s for s, _ in curve] for curve in lc["curves"].values()]
+    assert steps[0] == [2, 4, 6, 8, 10] and all(s == steps[0] for s in steps)
+    # the same seed in fp32 follows the fast path far more closely than another seed does
+    assert lc["fast_vs_fp32"] < 0.5 * lc["seed0_vs_seed1"]
+    # the table comes last, and the markdown file holds the command and the same table
+    tail = proc.stdout[proc.stdout.rindex("wrote "):]
+    assert "| train img/s, compute only |" in tail and tail.rstrip().splitlines()[-1].startswith("Loss over")
+    markdown = path.with_suffix(".md").read_text()
+    assert record["command"] in markdown and "| train img/s, end to end |" in markdown
+
+
+def flops_by_hand(model, x, t) -> float:
+    """2 x multiply-adds of every Conv2d and Linear, plus QK^T and AV in each attention block (2 HW^2 C
+    multiply-adds), from the shapes seen by forward hooks: a count independent of torch's flop counter."""
+    total = 0
+
+    def conv_or_linear(module, inputs, output):
+        nonlocal total
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            k = module.in_features
+        total += 2 * output.numel() * k
+
+    def attention(module, inputs, output):
+        nonlocal total
+        b, c, h, w = inputs[0].shape
+        total += 2 * 2 * b * (h * w) ** 2 * c
+
+    hooks = [m.register_forward_hook(conv_or_linear) for m in model.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    hooks += [m.register_forward_hook(attention) for m in model.modules() if type(m).__name__ == "Attention"]
+    assert len(hooks) > sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    with torch.no_grad():
+        model(x, t)
+    for h in hooks:
+        h.remove()
+    return total / x.shape[0]
+
+
+def test_forward_flops_match_a_count_by_hand():
+    impl = anchors.ours(torch.device("cpu"), quick=True)
+    x, t = torch.randn(4, 3, 32, 32), torch.randint(0, 1000, (4,))
+    expected = flops_by_hand(impl.eager, x, t)
+    assert bench.forward_flops(impl, torch.device("cpu")) == pytest.approx(expected, rel=0.01)
+
+
+def test_merge_keeps_earlier_figures_of_the_day(tmp_path):
+    def record(command, **ours):
+        figures = {**dict.fromkeys(bench.FIGURES), **ours}
+        return {"gpu": "g", "date": "d", "command": command, "torch": "t", "matmul_tflops": 1.0,
+                "results": {"ours": figures, "diffusers": {**dict.fromkeys(bench.FIGURES), "error": "not measured"}}}
+
+    path = tmp_path / "day.json"
+    path.write_text(json.dumps(record("first", train_img_per_s=100.0, settings={"compute": "compile"})))
+    merged = bench.merge(str(path), record("second", sample_ddim50_img_per_s=50.0, settings={"sample": "eager"}))
+    assert merged["results"]["ours"]["train_img_per_s"] == 100.0
+    assert merged["results"]["ours"]["sample_ddim50_img_per_s"] == 50.0
+    assert merged["results"]["ours"]["settings"] == {"compute": "compile", "sample": "eager"}
+    assert merged["commands"] == ["first", "second"] and merged["command"] == "second"
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--quick", "--parts", "speed"], ["unknown part", "compute"]),
+    (["--quick", "--impls", "ours,flax"], ["unknown implementation", "lucidrains"]),
+    (["--quick", "--parts", "e2e"], ["--data", "unpack_cifar10.py"]),
+    (["--device", "cpu"], ["CUDA GPU", "--quick"]),
+])
+def test_bad_input_is_one_line(tmp_path, args, needles):
+    assert_one_line_error(run_script([BENCH, *args], cwd=tmp_path), *needles)

@@ -53,6 +53,11 @@ def setup_distributed(device_arg: str):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("RANK") == "0":
+        # seen with torch 2.14: restarted workers read the dead ones' addresses from the shared store (pytorch#135712)
+        print("warning: with --max-restarts, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun, or a "
+              "restarted job may fail to reconnect (see the README)")
     # the timeout turns a stuck peer into an error instead of a hang; it must outlast a rank-0 checkpoint
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
     return dist.get_rank(), world, device

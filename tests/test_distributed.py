@@ -93,3 +93,88 @@ def test_checkpoint_of_one_process_resumes_on_two(runs, tmp_path):
     proc = torchrun(2, [*ARGS, "train.max_steps=10"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert state(tmp_path)["step"] == 10
+
+
+def worker_pids(root_pid: int, rank: int) -> list[int]:
+    """Processes under root_pid whose environment says RANK=rank (the workers torchrun started)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+
+    def under_root(pid):
+        while pid > 1:
+            if pid == root_pid:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    found = []
+    for pid in parents:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and under_root(pid):
+            found.append(pid)
+    return found
+
+
+def start_and_kill_rank_1(tmp_path, restarts: int, max_steps: int):
+    """Start a 2-process run, SIGKILL rank 1 once the first checkpoint exists; returns (returncode, output)."""
+    import signal
+    import subprocess
+    import time
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                f"--max-restarts={restarts}", os.path.join(ROOT, "train.py")]
+    args = [*ARGS, f"train.max_steps={max_steps}", "train.save_every=5", "train.log_every=5"]
+    # as the README says for --max-restarts: otherwise the restarted workers may read stale addresses
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    proc = subprocess.Popen([*launcher, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    last = tmp_path / "checkpoints" / "d" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victims = worker_pids(proc.pid, 1)
+    assert last.exists() and victims, "the run never wrote its first checkpoint"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    try:
+        out, _ = proc.communicate(timeout=120)  # the job must end, not hang
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the job hung after one process was killed")
+    return proc.returncode, out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers through /proc")
+def test_a_killed_process_ends_the_job_and_keeps_the_checkpoint(tmp_path):
+    code, out = start_and_kill_rank_1(tmp_path, restarts=0, max_steps=100_000)
+    assert code != 0, out[-2000:]
+    ckpt = state(tmp_path)
+    assert 5 <= ckpt["step"] < 100_000
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers through /proc")
+def test_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
+    code, out = start_and_kill_rank_1(tmp_path, restarts=1, max_steps=150)
+    assert code == 0, out[-3000:]
+    assert "resuming from checkpoints/d/last.pt" in out
+    assert state(tmp_path)["step"] == 150
+
+
+def test_max_restarts_without_the_store_variable_warns(tmp_path):
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           os.path.join(ROOT, "train.py"), *ARGS, "train.max_steps=2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**env, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1") == 1  # once, from rank 0

@@ -95,6 +95,24 @@ def test_checkpoint_of_one_process_resumes_on_two(runs, tmp_path):
     assert state(tmp_path)["step"] == 10
 
 
+def test_compile_and_accumulation_under_ddp_match_one_eager_process(runs, tmp_path):
+    """torch.compile of the DDP model and 2 micro-batches per process: still the weights of 1 plain process."""
+    one, _, _ = runs
+    proc = torchrun(2, [*ARGS, "train.max_steps=5", "train.compile=true", "train.grad_accum=2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.compile failed" not in proc.stdout + proc.stderr
+    ref = load_checkpoint(str(one / "checkpoints" / "d" / "step_0000005.pt"))
+    assert_close(ref["model"], state(tmp_path)["model"])
+
+
+def test_bf16_autocast_under_ddp(tmp_path):
+    proc = torchrun(2, [*ARGS, "train.max_steps=3", "train.precision=bf16"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "results" / "d" / "plots" / "losses.csv") as f:
+        losses = [float(row.split(",")[1]) for row in f.read().splitlines()[1:]]
+    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
+
+
 def worker_pids(root_pid: int, rank: int) -> list[int]:
     """Processes under root_pid whose environment says RANK=rank (the workers torchrun started)."""
     parents = {}

@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--quick", action="store_true", help="toy networks and sizes: a smoke test, not a benchmark")
+    p.add_argument("--loss-steps", type=int, default=None, help="steps of each loss-curve run (default 2000)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = p.parse_args(argv)
     args.parts, args.impls = args.parts.split(","), args.impls.split(",")
@@ -63,7 +64,10 @@ def parse_args(argv=None):
     # batch, sample batch, DDIM steps, timed iterations, e2e steps, e2e log interval, loss-curve steps
     sizes = (16, 4, 3, 2, 6, 2, 10) if args.quick else (128, 500, 50, 20, 400, 50, 2000)
     (args.batch, args.sample_batch, args.steps, args.iters, args.e2e_steps, args.log_every,
-     args.loss_steps) = sizes
+     default_loss_steps) = sizes
+    args.loss_steps = args.loss_steps or default_loss_steps
+    if args.loss_steps < 2 * args.log_every:
+        p.error(f"--loss-steps must be at least {2 * args.log_every} (two logged intervals)")
     return args
 
 

@@ -196,3 +196,25 @@ def test_max_restarts_without_the_store_variable_warns(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1") == 1  # once, from rank 0
+
+
+def test_sigterm_to_torchrun_saves_once_and_resumes(tmp_path):
+    """torchrun passes SIGTERM on to every worker; the ranks agree on it at the next log step and rank 0 saves."""
+    import signal
+    import subprocess
+    import time
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *ARGS, "train.max_steps=1000000", "train.save_every=1000000"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started, deadline = tmp_path / "results" / "d" / "config.yaml", time.monotonic() + 120
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    step = state(tmp_path)["step"]
+    assert step > 0 and out.count(f"stopped by signal at step {step}") == 1, out[-3000:]
+    resumed = torchrun(2, [*ARGS, f"train.max_steps={step + 2}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from checkpoints/d/last.pt at step {step}" in resumed.stdout

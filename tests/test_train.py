@@ -97,6 +97,29 @@ def test_resume_after_sigkill_is_exact(tmp_path):
             assert torch.equal(flat_a[k], flat_b[k]), k
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_and_the_same_command_resumes(tmp_path, signum):
+    args = [os.path.join(ROOT, "train.py"), "--config", CONFIG, "--name", "s", *TINY, "train.max_steps=1000000",
+            "train.save_every=1000000"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    started = tmp_path / "results" / "s" / "config.yaml"
+    deadline = time.time() + 120
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(1.0)  # some steps in, and nothing saved yet (save_every is far away)
+    assert not (tmp_path / "checkpoints" / "s" / "last.pt").exists()
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err[-2000:]
+    step = load_checkpoint(str(tmp_path / "checkpoints" / "s" / "last.pt"))["step"]
+    assert step > 0 and f"stopped by signal at step {step}; saved checkpoints/s/last.pt" in out + err
+    resumed = run_script([*args[:-2], f"train.max_steps={step + 2}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from checkpoints/s/last.pt at step {step}" in resumed.stdout
+
+
 def test_failed_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
     save_checkpoint({"step": 1, "w": torch.ones(3)}, path)

@@ -222,8 +222,9 @@ def run_case(fn, name, setting, args, device) -> dict:
     except ImportError:
         raise
     except Exception as e:  # one case failing (say, a compiler error in an anchor) must not end the run
-        print(f"  {name:<10} {setting:<8} failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
-        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"}
+        error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        print(f"  {name:<10} {setting:<8} failed: {error}")
+        return {"error": error}
 
 
 def measure(name, args, device, peak) -> dict:

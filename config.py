@@ -195,10 +195,15 @@ def validate(cfg: Config) -> Config:
     _check(d.image_size % 2 ** (len(m.channel_mults) - 1) == 0,
            f"data.image_size={d.image_size} must be divisible by 2^(len(model.channel_mults)-1)="
            f"{2 ** (len(m.channel_mults) - 1)}; change one of them")
+    widths = [m.base_channels * m.channel_mults[-1]] + [  # the middle block, and each level with attention
+        m.base_channels * mult for i, mult in enumerate(m.channel_mults)
+        if d.image_size // 2 ** i in m.attention_resolutions]
+    _check(all(w % m.num_heads == 0 for w in widths),
+           f"model.num_heads={m.num_heads} must divide the channels at every attention layer ({sorted(set(widths))})")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(m.num_classes is None or m.num_classes == "auto" or m.num_classes >= 1,
            f"model.num_classes must be null, 'auto' or at least 1, got {m.num_classes}")
-    _check(df.timesteps >= 1, f"diffusion.timesteps must be at least 1, got {df.timesteps}")
+    _check(df.timesteps >= 2, f"diffusion.timesteps must be at least 2, got {df.timesteps}")
     _check(0.0 < df.beta_start <= df.beta_end < 1.0,
            f"need 0 < diffusion.beta_start <= diffusion.beta_end < 1, got {df.beta_start}, {df.beta_end}")
     for key in ("max_steps", "warmup_steps", "keep_last", "num_workers", "fid_every"):
@@ -216,6 +221,9 @@ def validate(cfg: Config) -> Config:
            f"sample.steps must be between 1 and diffusion.timesteps={df.timesteps}, got {s.steps}")
     _check(s.eta >= 0, f"sample.eta must be >= 0, got {s.eta}")
     _check(s.n >= 1 and s.batch_size >= 1, "sample.n and sample.batch_size must be at least 1")
+    _check(m.num_classes is not None or s.guidance_scale == 1.0,
+           f"sample.guidance_scale={s.guidance_scale} (--guidance-scale) needs a class-conditional model; this one "
+           "has model.num_classes null (trained without labels)")
     return cfg
 
 
@@ -260,7 +268,7 @@ def load_config(path: str | None = None, overrides=()) -> Config:
             d = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-    if "name" not in d:
+    if isinstance(d, dict) and "name" not in d:
         d["name"] = os.path.splitext(os.path.basename(path))[0]
     return config_from_dict(d, overrides)
 

@@ -213,13 +213,18 @@ def load_uint8(ds: ImageDataset, cfg: DataConfig):
     return ds.images, ds.labels
 
 
-def _load_folder(ds: ImageDataset, cfg: DataConfig):
-    key = hashlib.sha256()
-    for f in ds.files:
+def folder_signature(files: list, root: str) -> str:
+    """A hash of the relative names, sizes and modification times of the files: changes when the folder does."""
+    h = hashlib.sha256()
+    for f in files:
         st = os.stat(f)
-        key.update(f"{os.path.relpath(f, cfg.root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        h.update(f"{os.path.relpath(f, root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _load_folder(ds: ImageDataset, cfg: DataConfig):
     prefix = f".ddpm-cache-{cfg.image_size}-{cfg.channels}-"
-    path = os.path.join(cfg.root, f"{prefix}{key.hexdigest()[:16]}.npz")
+    path = os.path.join(cfg.root, f"{prefix}{folder_signature(ds.files, cfg.root)}.npz")
     if os.path.isfile(path):
         try:
             with np.load(path) as z:
@@ -265,7 +270,7 @@ def num_classes(dataset: ImageDataset) -> int:
 
 # ----------------------------------------------------------------------------- the batch stream
 
-def _seed(*parts) -> int:
+def stream_seed(*parts) -> int:
     """A 64-bit generator seed from e.g. ('order', seed, epoch): distinct tuples give unrelated streams."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
@@ -337,7 +342,7 @@ class Batches:
         return to_float(x), y
 
     def _order_of(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(_seed("order", self.seed, epoch))
+        g = torch.Generator().manual_seed(stream_seed("order", self.seed, epoch))
         return torch.randperm(len(self.dataset), generator=g)
 
     def _make_tables(self):
@@ -345,7 +350,7 @@ class Batches:
         if self.images is not None:
             self._order = self._order_of(self.epoch).to(self.device)
         if self.hflip:
-            g = torch.Generator().manual_seed(_seed("flip", self.seed, self.epoch))
+            g = torch.Generator().manual_seed(stream_seed("flip", self.seed, self.epoch))
             self._flips = (torch.rand(self.batches_per_epoch, self.batch_size, generator=g) < 0.5).to(self.device)
         self._tables_epoch = self.epoch
 

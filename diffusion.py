@@ -131,8 +131,9 @@ class GaussianDiffusion(nn.Module):
         eps = eps_uncond + w (eps_cond - eps_uncond), both from one batched forward pass of 2B."""
         if y is not None and guidance_scale != 1.0:
             null = torch.full_like(y, self.model.num_classes)
-            out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).float()
-            eps_cond, eps_uncond = self._to_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), out).chunk(2)
+            x_in, t_in = torch.cat([x_t, x_t]), torch.cat([t, t])
+            out = self.model(x_in, t_in, torch.cat([y, null])).float()
+            eps_cond, eps_uncond = self._to_eps(x_in, t_in, out).chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         else:
             eps = self._to_eps(x_t, t, self.model(x_t, t, y).float())
@@ -168,8 +169,7 @@ class GaussianDiffusion(nn.Module):
         sigma = eta sqrt((1 - a_prev)/(1 - a_t)) sqrt(1 - a_t/a_prev)   (eq. 16)."""
         eps, x0 = self.predict(x_t, t, y, guidance_scale)
         a_t = extract(self.alphas_cumprod, t, x_t.ndim)
-        a_prev = extract(self.alphas_cumprod, t_prev.clamp(min=0), x_t.ndim)
-        a_prev = torch.where(t_prev.reshape(a_prev.shape) >= 0, a_prev, torch.ones_like(a_prev))
+        a_prev = extract(self.alphas_cumprod_prev, t_prev + 1, x_t.ndim)  # alphas_cumprod_prev[0] = 1: the data
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * z
         return x_prev, x0
@@ -184,20 +184,20 @@ class GaussianDiffusion(nn.Module):
 
     @torch.inference_mode()
     def p_sample_loop(self, shape, generator=None, noise=None, y=None, guidance_scale=1.0,
-                      record=(), progress=False):
+                      record=()):
         """DDPM ancestral sampling over all T steps, from x_T = noise (or N(0, I)) down to x_0."""
         return self._loop(shape, list(range(self.num_timesteps - 1, -1, -1)), generator, noise, record,
-                          progress, lambda x, t, t_prev, z: self.p_sample(x, t, z, y, guidance_scale))
+                          lambda x, t, t_prev, z: self.p_sample(x, t, z, y, guidance_scale))
 
     @torch.inference_mode()
     def ddim_sample(self, shape, steps=50, eta=0.0, generator=None, noise=None, y=None, guidance_scale=1.0,
-                    record=(), progress=False):
+                    record=()):
         """DDIM sampling over `steps` evenly spaced timesteps; eta=0 is deterministic given x_T, eta=1 has
         DDPM's posterior variance (fixed_small)."""
-        return self._loop(shape, self.ddim_timesteps(steps), generator, noise, record, progress,
+        return self._loop(shape, self.ddim_timesteps(steps), generator, noise, record,
                           lambda x, t, t_prev, z: self.ddim_step(x, t, t_prev, z, eta, y, guidance_scale))
 
-    def _loop(self, shape, timesteps, generator, noise, record, progress, step):
+    def _loop(self, shape, timesteps, generator, noise, record, step):
         """Run `step` over the timesteps. Both samplers draw x_T and then one z per step from `generator`
         in the same order, so they consume the same noise. Returns x_0, or (x_0, trajectory) when
         `record` names timestep indices: trajectory = {'t': [...], 'x_t': [...], 'x0': [...]} on the CPU."""
@@ -206,9 +206,6 @@ class GaussianDiffusion(nn.Module):
         trajectory = {"t": [], "x_t": [], "x0": []}
         record = set(record)
         steps = list(zip(timesteps, timesteps[1:] + [-1]))
-        if progress:
-            from tqdm import tqdm
-            steps = tqdm(steps, desc="sampling", leave=False)
         for t_idx, t_prev_idx in steps:
             t = torch.full((shape[0],), t_idx, device=device, dtype=torch.long)
             t_prev = torch.full((shape[0],), t_prev_idx, device=device, dtype=torch.long)

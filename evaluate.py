@@ -14,7 +14,6 @@ Features come from the Inception-v3 of the TF FID code with its standard weights
 (pip install -r requirements-eval.txt). The weights are read from the torch hub cache or --inception-weights;
 they are never downloaded here (see metrics.inception_weights for where they go).
 """
-import dataclasses
 import datetime
 import json
 import os
@@ -35,7 +34,15 @@ from metrics import (
     load_inception,
     reference_stats,
 )
-from sample import check_writable, class_labels, cycle, existing_images, maybe_compile, sample_batches, sample_to_folder
+from sample import (
+    check_writable,
+    class_labels,
+    cycle,
+    existing_images,
+    prepare_for_sampling,
+    sample_batches,
+    sample_to_folder,
+)
 from utils import ArgumentParser, UserError, atomic_write, cli, resolve_device, to_uint8
 
 REF_CACHE = os.path.join("results", "fid_refs")
@@ -71,9 +78,9 @@ def fid_of(diffusion, cfg, n, device, extractor=None, cache_dir=REF_CACHE) -> fl
     extractor = load_extractor(None, device) if extractor is None else extractor
     ref = reference_stats(cfg.data, extractor, cache_dir, batch_size=cfg.sample.batch_size)
     s = cfg.sample
-    num_classes = cfg.model.num_classes if cfg.model.num_classes != "auto" else diffusion.model.num_classes
+    num_classes = diffusion.model.num_classes
     labels = cycle(list(range(num_classes)), n) if num_classes else None  # conditional: every class equally
-    was_training = diffusion.training
+    modes = [(m, m.training) for m in diffusion.modules()]
     diffusion.eval()
     try:
         batches = sample_batches(diffusion, n, range(0, n, s.batch_size), batch_size=s.batch_size, seed=s.seed,
@@ -81,7 +88,8 @@ def fid_of(diffusion, cfg, n, device, extractor=None, cache_dir=REF_CACHE) -> fl
                                  precision=s.precision, guidance_scale=s.guidance_scale)
         features, _ = extract_features(extractor, (to_uint8(x) for _, x in batches), n, desc="FID samples")
     finally:
-        diffusion.train(was_training)
+        for m, training in modes:
+            m.training = training
     return frechet_distance(*feature_stats(features), ref["mu"], ref["sigma"])
 
 
@@ -109,34 +117,28 @@ def flag_overrides(args) -> list[str]:
     return [f"sample.{k}={getattr(args, k)}" for k in names if getattr(args, k) is not None]
 
 
-def sample_checkpoint(args, device):
-    """Make the samples folder hold args.n images of the checkpoint. Returns (cfg, samples data set, record
-    fields)."""
+def load_for_sampling(args, device):
+    """(cfg, diffusion, step, labels, n, samples folder) of --ckpt with the command line's sampling flags."""
     ckpt = load_checkpoint(args.ckpt)
     step = ckpt["step"]
     cfg, diffusion = diffusion_from_checkpoint(ckpt, device, overrides=flag_overrides(args))
     del ckpt
-    s, num_classes = cfg.sample, cfg.model.num_classes
-    if num_classes is None and s.guidance_scale != 1.0:
-        raise UserError("--guidance-scale needs a class-conditional checkpoint; this one was trained without "
-                        "labels (model.num_classes is null)")
-    labels, n, _ = class_labels(args.class_label, num_classes, 50_000 if args.n is None else args.n)
+    labels, n, _ = class_labels(args.class_label, cfg.model.num_classes, 50_000 if args.n is None else args.n)
     folder = args.samples_dir or default_samples_dir(cfg, step, args.class_label)
     check_writable(folder, folder=True)
+    return cfg, diffusion, step, labels, n, folder
+
+
+def sample_checkpoint(args, cfg, diffusion, step, labels, n, folder, device):
+    """Make the samples folder hold n images of the checkpoint. Returns (samples data set, record fields)."""
+    s = cfg.sample
     missing = n - len(existing_images(folder) & set(range(n)))
-    if missing and device.type == "cuda":  # as sample.py: TF32, channels-last and torch.compile for speed
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        diffusion.model.to(memory_format=torch.channels_last)
-        first = min(s.batch_size, n)
-        maybe_compile(diffusion, cfg, device, first, None if labels is None else cycle(labels, first).to(device))
     if missing:
+        prepare_for_sampling(diffusion, cfg, device, min(s.batch_size, n), labels)
         print(f"sampling {missing} of {n} images into {folder}")
     sample_to_folder(diffusion, folder, n, batch_size=s.batch_size, sampler=s.sampler, steps=s.steps, eta=s.eta,
                      seed=s.seed, device=device, precision=s.precision, class_labels=labels,
                      guidance_scale=s.guidance_scale)
-    del diffusion
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # room for the Inception's activations
     files = [os.path.join(folder, f"{i:07d}.png") for i in range(n)]
     data = DataConfig(dataset="folder", root=folder, image_size=cfg.data.image_size, channels=cfg.data.channels)
     samples = ImageDataset(data, torch.full((n,), -1), [], files=files)
@@ -144,7 +146,7 @@ def sample_checkpoint(args, device):
             "steps": cfg.diffusion.timesteps if s.sampler == "ddpm" else s.steps,
             "eta": s.eta if s.sampler == "ddim" else None, "guidance_scale": s.guidance_scale,
             "class_label": args.class_label, "seed": s.seed}
-    return cfg, samples, info
+    return samples, info
 
 
 def folder_samples(args):
@@ -166,13 +168,13 @@ def reference_data(args, cfg, size: int, channels: int):
     training set. The reference images are brought to the samples' size and channels."""
     if args.ref_dir:
         return DataConfig(dataset="folder", root=args.ref_dir, image_size=size, channels=channels), args.ref_dir
-    if args.ref:
-        root = cfg.data.root if cfg else "data"
+    if args.ref:  # the checkpoint's data root only when it holds that very data set
+        root = cfg.data.root if cfg and cfg.data.dataset == REFS[args.ref] else DataConfig().root
         return DataConfig(dataset=REFS[args.ref], root=root, image_size=size, channels=channels), args.ref
     if cfg is None:
         raise UserError("without --ckpt, name the reference set: --ref cifar10-train or --ref-dir DIR")
     name = cfg.data.root if cfg.data.dataset == "folder" else f"{cfg.data.dataset}-train"
-    return dataclasses.replace(cfg.data), name
+    return cfg.data, name
 
 
 # ---- the record ---------------------------------------------------------------------------------------------
@@ -236,21 +238,26 @@ def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
     extractor = load_extractor(args.inception_weights, device)  # before sampling: a missing file fails now
-    if args.ckpt:
-        cfg, samples, info = sample_checkpoint(args, device)
-        n, channels = len(samples), cfg.data.channels
+    if args.ckpt:  # everything that can fail is checked, and the reference statistics made, before sampling
+        cfg, diffusion, step, labels, n, folder = load_for_sampling(args, device)
+        size, channels = cfg.data.image_size, cfg.data.channels
         out = args.out or os.path.join("results", cfg.name, "metrics.json")
     else:
-        cfg, info = None, {"ckpt": None, "step": None, "sampler": None, "steps": None, "eta": None,
-                           "guidance_scale": None, "class_label": None, "seed": None}
+        cfg = None
         samples, n = folder_samples(args)
-        channels = 3
+        size, channels = samples.cfg.image_size, 3
         out = args.out or os.path.join(os.path.dirname(os.path.normpath(args.samples_dir)), "metrics.json")
     check_writable(out)
-    read_records(out)  # a damaged file fails before the work, not after
-    ref_data, ref_name = reference_data(args, cfg, samples.cfg.image_size, channels)
-
+    read_records(out)
+    ref_data, ref_name = reference_data(args, cfg, size, channels)
     ref = reference_stats(ref_data, extractor, args.ref_cache, batch_size=args.batch_size)
+    if args.ckpt:
+        samples, info = sample_checkpoint(args, cfg, diffusion, step, labels, n, folder, device)
+        del diffusion
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # room for the Inception's activations
+    else:
+        info = dict.fromkeys(("ckpt", "step", "sampler", "steps", "eta", "guidance_scale", "class_label", "seed"))
     features, logits = extract_features(extractor, image_batches(samples, args.batch_size, n), n,
                                         desc="sample features")
     result = scores(features, logits, ref)

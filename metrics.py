@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from dataset import build_dataset
+from dataset import build_dataset, folder_signature
 from utils import UserError, atomic_write
 
 # torch-fidelity downloads the weights under the first name, pytorch-fid under the second; the -6726825d
@@ -223,15 +223,6 @@ def extract_features(extractor, batches, n: int, desc: str = "features"):
 
 
 # ---- cached reference statistics --------------------------------------------------------------------------
-
-
-def folder_signature(files: list, root: str) -> str:
-    """A hash of the relative names, sizes and modification times of the files: changes when the folder does."""
-    h = hashlib.sha256()
-    for f in files:
-        st = os.stat(f)
-        h.update(f"{os.path.relpath(f, root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def reference_key(data, extractor_name: str, ds=None) -> dict:

@@ -34,7 +34,7 @@ from utils import (
     cli,
     make_grid,
     resolve_device,
-    save_image,
+    save_grid,
     to_uint8,
 )
 
@@ -167,7 +167,7 @@ def save_process(diffusion, path, n, labels, columns=10, **kwargs) -> int:
     x_t = torch.stack(trajectory["x_t"] + [x], dim=1)  # m x columns+1 x C x H x W
     x0 = torch.stack(trajectory["x0"] + [x], dim=1)
     rows = torch.stack([x_t, x0], dim=1).flatten(0, 2)  # sample 0's x_t row, its x_0 row, sample 1's ...
-    save_image(make_grid(to_uint8(rows), nrow=len(record) + 1), path)
+    save_grid(rows, path, nrow=len(record) + 1)
     return m
 
 
@@ -211,7 +211,7 @@ def save_forward(cfg, model, path, schedules, n, seed) -> None:
         schedule_cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, beta_schedule=schedule))
         diffusion = GaussianDiffusion.from_config(schedule_cfg, model)
         rows.append(torch.stack([diffusion.q_sample(x0, torch.full((len(x0),), t), noise) for t in ts], dim=1))
-    save_image(make_grid(to_uint8(torch.cat(rows).flatten(0, 1)), nrow=len(ts)), path)
+    save_grid(torch.cat(rows).flatten(0, 1), path, nrow=len(ts))
 
 
 # ---- command line ------------------------------------------------------------------------------------------
@@ -286,10 +286,16 @@ def check_writable(path: str, folder: bool = False) -> None:
         raise UserError(f"cannot write '{path}' ({e.strerror or e})") from None
 
 
-def maybe_compile(diffusion, cfg, device, n, y) -> None:
-    """torch.compile the U-Net on CUDA when train.compile is 'auto' or true; eager if compiling fails."""
-    if device.type != "cuda" or cfg.train.compile is False:
+def prepare_for_sampling(diffusion, cfg, device, n, labels) -> None:
+    """On CUDA: TF32, channels-last and, when train.compile is 'auto' or true, torch.compile of the U-Net,
+    compiled now at the first batch's shape (n images, labels cycled); eager if compiling fails."""
+    if device.type != "cuda":
         return
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    diffusion.model.to(memory_format=torch.channels_last)
+    if cfg.train.compile is False:
+        return
+    y = None if labels is None else cycle(labels, n).to(device)
     print("compiling the model (train.compile=false skips this)")
     eager = diffusion.model
     diffusion.model = torch.compile(eager)
@@ -312,9 +318,6 @@ def main(argv=None):
     del ckpt  # the weights now live in the model
     s = cfg.sample
     num_classes = cfg.model.num_classes
-    if num_classes is None and args.guidance_scale not in (None, 1.0):
-        raise UserError("--guidance-scale needs a class-conditional checkpoint; this one was trained without "
-                        "labels (model.num_classes is null)")
     labels, n, nrow = class_labels(args.class_label, num_classes, s.n)
     if n != s.n:
         print(f"--class-label all: {nrow} images for each of the {num_classes} classes, {n} in all")
@@ -333,11 +336,7 @@ def main(argv=None):
     if args.save_dir:
         check_writable(args.save_dir, folder=True)
 
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        diffusion.model.to(memory_format=torch.channels_last)
-        first = min(s.batch_size, n)
-        maybe_compile(diffusion, cfg, device, first, None if labels is None else cycle(labels, first).to(device))
+    prepare_for_sampling(diffusion, cfg, device, min(s.batch_size, n), labels)
 
     common = dict(sampler=s.sampler, steps=s.steps, eta=s.eta, seed=s.seed, device=device,
                   precision=s.precision, guidance_scale=s.guidance_scale)
@@ -345,7 +344,7 @@ def main(argv=None):
     if out:
         batches = sample_batches(diffusion, n, range(0, n, s.batch_size), batch_size=s.batch_size,
                                  labels=cycle(labels, n), **common)
-        save_image(make_grid(to_uint8(torch.cat([x for _, x in batches])), nrow=nrow), out)
+        save_grid(torch.cat([x for _, x in batches]), out, nrow=nrow)
         sampled += n
         print(f"grid: {out}")
     if args.save_dir:

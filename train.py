@@ -28,10 +28,20 @@ import torch.distributed as dist
 
 from checkpoint import check_same_architecture, load_checkpoint, load_weights, save_checkpoint
 from config import config_from_dict, dump, load_config, to_dict
-from dataset import Batches, build_dataset, num_classes, preload_wanted
+from dataset import Batches, build_dataset, num_classes, preload_wanted, stream_seed
 from diffusion import GaussianDiffusion
 from model import UNet
-from utils import ArgumentParser, UserError, autocast_dtype, cli, make_grid, resolve_device, save_image, to_uint8
+from utils import (
+    ArgumentParser,
+    UserError,
+    atomic_write,
+    autocast_dtype,
+    cli,
+    make_grid,
+    resolve_device,
+    save_image,
+    to_uint8,
+)
 
 
 def parse_args(argv=None):
@@ -81,7 +91,7 @@ def ema_decay(step: int, decay: float) -> float:
 
 def step_randomness(gen, cfg, step, shape, rank, world, device, has_labels):
     """t, noise and the label-drop mask of step `step`, drawn over the global batch, this rank's slice."""
-    gen.manual_seed(cfg.train.seed * 1_000_003 + step)
+    gen.manual_seed(stream_seed("step", cfg.train.seed, step))
     b = cfg.train.batch_size
     t = torch.randint(0, cfg.diffusion.timesteps, (b,), generator=gen, device=device)
     noise = torch.randn((b, *shape), generator=gen, device=device)
@@ -109,15 +119,14 @@ def set_rng_state(state: dict, device) -> None:
 
 
 def resume_path(args, ckpt_dir: str) -> str | None:
+    """The run's last.pt for --resume auto when it exists; None to start afresh (--resume never)."""
     last = os.path.join(ckpt_dir, "last.pt")
     if args.resume == "auto":
         return last if os.path.exists(last) else None
-    if args.resume == "never":
-        if os.path.exists(last):
-            raise UserError(f"{last} exists and --resume never would overwrite it; use another --name, "
-                            "or delete that folder to start over")
-        return None
-    return args.resume
+    if os.path.exists(last):
+        raise UserError(f"{last} exists and --resume never would overwrite it; use another --name, "
+                        "or delete that folder to start over")
+    return None
 
 
 class Trainer:
@@ -134,7 +143,8 @@ class Trainer:
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.ema_diffusion = GaussianDiffusion.from_config(cfg, self.ema).to(device)
+        self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
+        self.ema_diffusion = GaussianDiffusion.from_config(cfg, self.ema).to(device).eval()
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world > 1 else None
         self.eager = self.ddp or self.model
         want_compile = device.type == "cuda" if t.compile == "auto" else t.compile
@@ -171,13 +181,21 @@ class Trainer:
         load_weights(self.ema, ckpt["ema"], "the checkpoint's EMA weights")
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
+        self._apply_run_settings()
         self.scaler.load_state_dict(ckpt["scaler"])
         self.batches.load_state_dict(ckpt["data"])
         self.step = ckpt["step"]
-        if self.rank == 0:
-            set_rng_state(ckpt["rng"], self.device)
-        else:  # other ranks only use their RNG for dropout masks; give them a fresh, distinct stream
-            torch.manual_seed(self.cfg.train.seed + 7919 * self.rank + self.step)
+        set_rng_state(ckpt["rng"], self.device)
+
+    def _apply_run_settings(self):
+        """Only the optimiser's moments and step counts come from a checkpoint: lr, weight decay and the fused
+        kernel are this run's (a CPU checkpoint resumed on a GPU, or a new train.lr)."""
+        t = self.cfg.train
+        for group in self.opt.param_groups:
+            group.update(initial_lr=t.lr, weight_decay=t.weight_decay, fused=self.device.type == "cuda")
+        self.sched.base_lrs = [t.lr] * len(self.opt.param_groups)
+        for group in self.opt.param_groups:
+            group["lr"] = t.lr * lr_factor(self.sched.last_epoch, self.cfg)
 
     def train_step(self):
         """One optimiser step over the global batch; returns (loss, grad_norm) as device tensors."""
@@ -187,6 +205,8 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         t, noise, drop = step_randomness(self.gen, cfg, self.step, x.shape[1:], self.rank, self.world,
                                          self.device, self.has_labels)
+        # dropout masks from (seed, rank, step): exact on resume on every rank, and different across ranks
+        torch.manual_seed(stream_seed("dropout", cfg.train.seed, self.rank, self.step))
         y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y) if self.has_labels else None
         total = torch.zeros((), device=self.device)
         for i in range(accum):
@@ -202,14 +222,14 @@ class Trainer:
             total += loss.detach()
         self.scaler.unscale_(self.opt)
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
         self.scaler.step(self.opt)
         self.scaler.update(None if self.fp16 else 1.0)
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
         with torch.no_grad():
             decay = ema_decay(self.step, cfg.train.ema_decay)
-            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
+            torch._foreach_lerp_(self.ema_params, self.params, 1 - decay)
         finite = torch.isfinite(total)
         self.bad_streak = torch.where(finite, 0, self.bad_streak + 1)
         self.bad_total += (~finite).long()
@@ -243,12 +263,20 @@ class Trainer:
 def build_run(args):
     """Config, run folders and the checkpoint to resume from (or None)."""
     cfg = load_config(args.config, args.overrides)
-    name = args.name or cfg.name
+    given = args.resume not in ("auto", "never")
+    ckpt = load_checkpoint(args.resume) if given else None
+    own_config = args.config is None  # resuming without --config: the run's own config, and so its name
+    name = args.name or (ckpt["config"].get("name") if ckpt and own_config else None) or cfg.name
     ckpt_dir, out_dir = os.path.join("checkpoints", name), os.path.join("results", name)
-    path = resume_path(args, ckpt_dir)
-    ckpt = load_checkpoint(path) if path else None
-    if ckpt is not None and args.config is None:
-        cfg = config_from_dict(ckpt["config"], args.overrides)  # resume with the run's own config
+    last = os.path.join(ckpt_dir, "last.pt")
+    if given and os.path.exists(last) and not os.path.samefile(last, args.resume):
+        raise UserError(f"--resume {args.resume} would write into run '{name}', whose {last} is another "
+                        "checkpoint; give a new --name")
+    path = args.resume if given else resume_path(args, ckpt_dir)
+    if ckpt is None and path:
+        ckpt = load_checkpoint(path)
+    if ckpt is not None and own_config:
+        cfg = config_from_dict(ckpt["config"], args.overrides)
     cfg.name = name
     return cfg, ckpt_dir, out_dir, path, ckpt
 
@@ -320,7 +348,11 @@ def run(args, rank, world, device):
                         f"= {world} x {t.grad_accum}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if rank != 0:
+        wait_for_all(world)  # rank 0 downloads or decodes and caches the data first, alone
     dataset = build_dataset(cfg.data)
+    if rank == 0:
+        wait_for_all(world)
     if cfg.model.num_classes == "auto":
         cfg.model.num_classes = num_classes(dataset)
     if ckpt is not None:
@@ -333,17 +365,6 @@ def run(args, rank, world, device):
     trainer = Trainer(cfg, device, rank, world, dataset, print)
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
-    runlog = None if quiet else RunLog(out_dir, trainer.step, t.max_steps, ckpt.get("log") if ckpt else None)
-    if not quiet:
-        trainer.log = runlog.message
-        print(dump(cfg), end="")
-        for d in (ckpt_dir, os.path.join(out_dir, "samples"), os.path.join(out_dir, "plots")):
-            os.makedirs(d, exist_ok=True)
-        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-            f.write(dump(cfg))
-        print(f"resuming from {path} at step {trainer.step}" if ckpt else f"starting run '{cfg.name}'")
-    del ckpt
-
     stop = {"signal": None}
 
     def on_signal(signum, frame):
@@ -351,7 +372,16 @@ def run(args, rank, world, device):
         signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    runlog = None
     try:
+        if not quiet:
+            runlog = RunLog(out_dir, trainer.step, t.max_steps, ckpt.get("log") if ckpt else None)
+            trainer.log = runlog.message
+            print(dump(cfg), end="")
+            os.makedirs(ckpt_dir, exist_ok=True)
+            atomic_write(os.path.join(out_dir, "config.yaml"), lambda f: f.write(dump(cfg).encode()))
+            print(f"resuming from {path} at step {trainer.step}" if ckpt else f"starting run '{cfg.name}'")
+        del ckpt
         train_loop(trainer, runlog, stop, cfg, ckpt_dir, out_dir, rank, world, device, fid)
     finally:
         for s, handler in previous.items():
@@ -365,7 +395,7 @@ def train_loop(trainer, runlog, stop, cfg, ckpt_dir, out_dir, rank, world, devic
     t, quiet = cfg.train, rank != 0
 
     loss_sum, n_logged, last_log, start = torch.zeros((), device=device), 0, time.perf_counter(), trainer.step
-    saved_step = trainer.step
+    saved_step, warned, agreed_signal = trainer.step, 0, 0
     while trainer.step < t.max_steps:
         loss, grad_norm = trainer.first_step() if trainer.step == start else trainer.train_step()
         loss_sum += loss
@@ -373,32 +403,36 @@ def train_loop(trainer, runlog, stop, cfg, ckpt_dir, out_dir, rank, world, devic
         step = trainer.step
         at_log = step % t.log_every == 0 or step == t.max_steps
         if at_log:
-            stats = torch.stack([loss_sum / n_logged, grad_norm.float(), trainer.bad_streak.float(),
-                                 trainer.bad_total.float(), torch.tensor(float(stop["signal"] or 0), device=device)])
-            if world > 1:  # average over ranks; any rank's signal stops every rank at the same step
-                dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-                stats[:2] /= world
-            loss_avg, gnorm, streak, bad, sig = stats.tolist()
+            means = torch.stack([loss_sum / n_logged, grad_norm.float()])
+            worst = torch.stack([trainer.bad_streak.float(), trainer.bad_total.float(),
+                                 torch.tensor(float(stop["signal"] or 0), device=device)])
+            if world > 1:  # mean loss over ranks; the worst rank's counters; any rank's signal stops them all
+                dist.all_reduce(means)
+                means /= world
+                dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+            (loss_avg, gnorm), (streak, bad, sig) = means.tolist(), worst.tolist()
+            agreed_signal = int(sig)
             now = time.perf_counter()
             if not quiet:
                 runlog.scalars(step, loss_avg, trainer.sched.get_last_lr()[0], gnorm,
                                n_logged * t.batch_size / (now - last_log))
-                if bad:
+                if bad > warned:
                     runlog.message(f"warning: skipped {int(bad)} step(s) with a non-finite loss so far")
+                    warned = bad
             if streak >= t.max_nonfinite:
                 raise UserError(f"the loss was non-finite for {int(streak)} steps in a row (up to step {step}); "
                                 f"the last good checkpoint is {ckpt_dir}/last.pt (step {saved_step}); lower train.lr, "
                                 "use train.precision=bf16 or fp32, or check the data")
             loss_sum, n_logged, last_log = torch.zeros((), device=device), 0, now
-            if sig and world > 1:
-                stop["signal"] = stop["signal"] or int(sig)
         if not quiet:
             runlog.advance(step)
             if step % t.sample_every == 0 or step == t.max_steps:
                 sample_grid(trainer, runlog, out_dir)
             if t.fid_every and step % t.fid_every == 0:
                 log_fid(trainer, runlog, out_dir, fid_extractor)
-        interrupted = stop["signal"] is not None and (world == 1 or at_log)
+        # one process stops at once; several stop only on the signal they agreed on at this log step
+        signum = stop["signal"] if world == 1 else (agreed_signal if at_log else 0)
+        interrupted = bool(signum)
         if (step % t.save_every == 0 or step == t.max_steps or interrupted) and step != saved_step:
             if not quiet:
                 save(trainer, runlog, ckpt_dir)
@@ -408,7 +442,7 @@ def train_loop(trainer, runlog, stop, cfg, ckpt_dir, out_dir, rank, world, devic
                 runlog.message(f"stopped by signal at step {step}; saved {ckpt_dir}/last.pt; "
                                "run the same command to resume")
             wait_for_all(world)
-            raise SystemExit(128 + stop["signal"])
+            raise SystemExit(128 + signum)
     if not quiet:
         runlog.write_files()
         print(f"done: {t.max_steps} steps; checkpoint {ckpt_dir}/last.pt, outputs in {out_dir}/")

@@ -40,7 +40,6 @@ class Impl:
     loss_fn: Callable = None        # (net, x0) -> scalar loss
     sample_fn: Callable = None      # (net, n, steps) -> images
     forward_fn: Callable = None     # (net, x_t, t) -> predicted noise, for counting FLOPs
-    notes: str = ""
     net: torch.nn.Module = field(init=False)
 
     def __post_init__(self):
@@ -76,8 +75,7 @@ def ours(device, quick=False) -> Impl:
         diffusion.model = net
         return diffusion.ddim_sample((n, 3, size, size), steps=steps, eta=0.0)
 
-    return Impl("ours", "this repository", model, loss_fn, sample_fn, lambda net, x, t: net(x, t),
-                notes="channels_last on CUDA" if device.type == "cuda" else "")
+    return Impl("ours", "this repository", model, loss_fn, sample_fn, lambda net, x, t: net(x, t))
 
 
 def linear_betas(device):
@@ -162,3 +160,5 @@ def _dist_version(name: str) -> str:
 
 
 BUILDERS = {"ours": ours, "diffusers": diffusers, "lucidrains": lucidrains}
+PACKAGES = {"diffusers": ("diffusers", "diffusers"),  # anchor: (module, PyPI name)
+            "lucidrains": ("denoising_diffusion_pytorch", "denoising-diffusion-pytorch")}

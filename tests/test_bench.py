@@ -56,7 +56,7 @@ def test_quick_run_measures_ours_and_reports_missing_anchors(tmp_path, folder, m
     for key in ("train_img_per_s", "train_e2e_img_per_s", "sample_ddim50_img_per_s", "fwd_gflop_per_img", "mfu"):
         assert ours[key] > 0, key
     assert "compute: eager" in ours["setting"] and "e2e: eager" in ours["setting"]
-    assert ours["params"] == sum(p.numel() for p in anchors.ours(torch.device("cpu"), quick=True).eager.parameters())
+    assert ours["params"] == 702_499  # the quick network: base 32, mults (1, 2), one block
     for name, package in (("diffusers", "diffusers"), ("lucidrains", "denoising-diffusion-pytorch")):
         res = record["results"][name]
         assert "not measured" in res["error"] and f"pip install {package}" in res["error"]
@@ -100,6 +100,10 @@ def flops_by_hand(model, x, t) -> float:
     for h in hooks:
         h.remove()
     return total / x.shape[0]
+
+
+def test_full_size_network_has_the_ddpm_paper_parameter_count():
+    assert anchors.ours(torch.device("cpu")).params == 35_746_307  # 35.7M in Ho et al. (2020)
 
 
 def test_forward_flops_match_a_count_by_hand():

@@ -185,6 +185,9 @@ def test_wrong_type_in_a_yaml_file(tmp_path):
     (["data.image_size=4"], ["data.image_size"]),
     (["sample.eta=-0.1"], ["sample.eta"]),
     (["train.cond_drop_prob=1.0"], ["train.cond_drop_prob"]),
+    (["diffusion.timesteps=1", "sample.steps=1"], ["diffusion.timesteps", "at least 2"]),
+    (["model.num_heads=3"], ["model.num_heads=3", "256"]),  # cifar10: 256 channels at 16x16 and in the middle
+    (["sample.guidance_scale=2"], ["sample.guidance_scale", "class-conditional"]),
 ])
 def test_out_of_range_values_raise(overrides, fragments):
     raises_config_error(overrides, *fragments)
@@ -195,6 +198,13 @@ def test_boundary_values_are_accepted():
                              "data.image_size=28", "model.channel_mults=[1,2,2]", "sample.steps=1"])
     assert (cfg.train.max_steps, cfg.sample.steps, cfg.train.grad_accum) == (0, 1, 3)
     assert load_config(None, ["sample.steps=1000"]).sample.steps == 1000
+
+
+def test_config_file_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(path))
 
 
 def test_missing_and_invalid_files(tmp_path):

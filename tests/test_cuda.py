@@ -86,7 +86,7 @@ def test_sampling_bf16_and_compiled_agree_with_fp32_eager():
     cfg, diffusion = random_diffusion("train.compile=auto")
     reference = ddim(diffusion, "fp32")
     assert relative_error(ddim(diffusion, "bf16"), reference) < 5e-2
-    sample.maybe_compile(diffusion, cfg, CUDA, 8, None)
+    sample.prepare_for_sampling(diffusion, cfg, CUDA, 8, None)
     assert isinstance(diffusion.model, torch._dynamo.eval_frame.OptimizedModule)
     assert relative_error(ddim(diffusion, "fp32"), reference) < 1e-2
 

@@ -291,9 +291,11 @@ def test_grayscale_checkpoint(tmp_path, monkeypatch):
 def test_fid_of_for_training(tmp_path):
     cfg, diffusion = diffusion_from_checkpoint(load_checkpoint(tiny_checkpoint(tmp_path / "last.pt")), "cpu")
     diffusion.train()
+    diffusion.model.eval()  # as train.py's EMA: the wrapper's mode must not leak into the network's
     extractor = TinyExtractor()
     fid = evaluate.fid_of(diffusion, cfg, 8, "cpu", extractor=extractor, cache_dir=str(tmp_path / "refs"))
     assert np.isfinite(fid) and fid > 0 and diffusion.training  # the mode it was in
+    assert not any(m.training for m in diffusion.model.modules())
     assert extractor.seen == 8 + 64
     assert evaluate.fid_of(diffusion, cfg, 8, "cpu", extractor=extractor,
                            cache_dir=str(tmp_path / "refs")) == pytest.approx(fid)  # same seed, cached reference

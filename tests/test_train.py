@@ -249,6 +249,48 @@ def test_repeated_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_p
     assert (ckpt_dir / "last.pt").read_bytes() == good
 
 
+def test_resume_keeps_the_moments_but_takes_this_runs_optimiser_settings():
+    old = make_trainer("train.warmup_steps=100")
+    for _ in range(3):
+        old.train_step()
+    state = old.state_dict()
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = True  # as saved by a run on a GPU
+    new = make_trainer("train.warmup_steps=100", "train.lr=5e-4", "train.weight_decay=0.01")
+    new.load_state_dict(state)
+    group = new.opt.param_groups[0]
+    assert group["lr"] == pytest.approx(5e-4 * 4 / 100) and group["weight_decay"] == 0.01 and not group["fused"]
+    first = next(iter(new.opt.state.values()))
+    assert torch.equal(first["exp_avg"], next(iter(old.opt.state.values()))["exp_avg"])
+    new.train_step()
+    assert new.opt.param_groups[0]["lr"] == pytest.approx(5e-4 * 5 / 100)
+
+
+def test_resume_from_a_path_alone_uses_that_runs_name(tmp_path, monkeypatch):
+    ckpt_dir, _ = run_train(tmp_path, monkeypatch, "train.max_steps=2", name="mine")
+    moved = tmp_path / "elsewhere.pt"
+    (ckpt_dir / "last.pt").rename(moved)
+    train.main(["--resume", str(moved), "train.max_steps=3"])
+    assert load_checkpoint(str(ckpt_dir / "last.pt"))["step"] == 3
+    assert not (tmp_path / "checkpoints" / "cifar10").exists()
+    with pytest.raises(SystemExit) as e:  # would overwrite run 'mine', whose last.pt is another checkpoint
+        train.main(["--resume", str(tmp_path / "checkpoints" / "mine" / "step_0000002.pt"), "train.max_steps=4"])
+    assert e.value.code == 2
+
+
+def test_dropout_masks_depend_on_rank_and_step_only(monkeypatch):
+    seeds, real_seed, real_randomness = [], torch.manual_seed, train.step_randomness
+    monkeypatch.setattr(torch, "manual_seed", lambda s: seeds.append(s) or real_seed(s))
+    # the whole batch whatever the rank, so that only the dropout seed sees the rank
+    monkeypatch.setattr(train, "step_randomness", lambda *a: real_randomness(*a[:4], 0, 1, *a[6:]))
+    trainer = make_trainer("model.dropout=0.1")
+    seeds.clear()
+    for rank, step in ((0, 0), (0, 1), (1, 0), (0, 0)):
+        trainer.rank, trainer.step = rank, step
+        trainer.train_step()
+    assert seeds[0] == seeds[3] and len(set(seeds[:3])) == 3
+
+
 def test_lr_schedule_and_ema_warmup():
     cfg = load_config(CONFIG, ["train.warmup_steps=10", "train.max_steps=110", "train.lr_schedule=cosine"])
     assert train.lr_factor(0, cfg) == pytest.approx(0.1) and train.lr_factor(9, cfg) == pytest.approx(1.0)

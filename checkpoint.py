@@ -75,11 +75,11 @@ def to_plain(section) -> dict:
     return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in d.items()}
 
 
-def diffusion_from_checkpoint(ckpt: dict, device, use_ema: bool = True, overrides=()):
-    """(cfg, GaussianDiffusion in eval mode on device) from a loaded checkpoint, EMA weights by default.
+def model_from_checkpoint(ckpt: dict, device, use_ema: bool = True, overrides=()):
+    """(cfg, model, diffusion) of a loaded checkpoint, on `device` in eval mode, EMA weights by default.
 
     `overrides` ('sample.steps=50', ...) change the checkpoint's config for this use only."""
     cfg = config_from_dict(ckpt["config"], overrides)
-    model = UNet.from_config(cfg, verbose=False)
+    model = UNet.from_config(cfg)
     load_weights(model, ckpt["ema" if use_ema else "model"], "the checkpoint's weights")
-    return cfg, GaussianDiffusion.from_config(cfg, model).to(device).eval()
+    return cfg, model.to(device).eval(), GaussianDiffusion(cfg.diffusion).to(device)

@@ -1,9 +1,10 @@
-"""Gaussian diffusion: the forward process, the training loss and the DDPM and DDIM samplers.
+"""Gaussian diffusion: the forward process, the training loss and the DDPM and DDIM steps.
 
 Notation follows Ho et al. 2020 (DDPM) and Song et al. 2021 (DDIM): beta_t, alpha_t = 1 - beta_t,
 alpha-bar_t = prod_{s<=t} alpha_s (here `alphas_cumprod`). Indices are 0-based: index t in these
 tensors is step t+1 of the paper, so t runs over 0..T-1 and x_0 (the data) sits "before" index 0.
 """
+import functools
 import math
 
 import numpy as np
@@ -35,20 +36,22 @@ def extract(a: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 class GaussianDiffusion(nn.Module):
-    def __init__(self, model, timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                 objective="eps", variance="fixed_large", clip_denoised=True):
-        super().__init__()
-        if objective not in ("eps", "x0", "v") or variance not in ("fixed_small", "fixed_large"):
-            raise ValueError(f"unknown objective '{objective}' or variance '{variance}'")
-        self.model, self.num_timesteps = model, timesteps
-        self.objective, self.variance, self.clip_denoised = objective, variance, clip_denoised
+    """The fixed forward process of a DiffusionConfig and what follows from it: q(x_t | x_0), the posterior,
+    the loss and single sampling steps. It holds no network: every method that needs one takes it (as
+    improved-diffusion's do), and the samplers take a `denoise(x_t, t) -> (eps, x_0)` made by `denoiser`."""
 
-        if beta_schedule == "linear":
-            betas = linear_beta_schedule(timesteps, beta_start, beta_end)
-        elif beta_schedule == "cosine":
-            betas = cosine_beta_schedule(timesteps)
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.objective not in ("eps", "x0", "v") or cfg.variance not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"unknown objective '{cfg.objective}' or variance '{cfg.variance}'")
+        self.num_timesteps = cfg.timesteps
+        self.objective, self.variance, self.clip_denoised = cfg.objective, cfg.variance, cfg.clip_denoised
+        if cfg.beta_schedule == "linear":
+            betas = linear_beta_schedule(cfg.timesteps, cfg.beta_start, cfg.beta_end)
+        elif cfg.beta_schedule == "cosine":
+            betas = cosine_beta_schedule(cfg.timesteps)
         else:
-            raise ValueError(f"unknown beta schedule '{beta_schedule}'")
+            raise ValueError(f"unknown beta schedule '{cfg.beta_schedule}'")
         alphas_cumprod = np.cumprod(1.0 - betas)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
         # q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta-tilde_t I)   (DDPM eq. 6-7)
@@ -71,13 +74,6 @@ class GaussianDiffusion(nn.Module):
         }
         for name, value in schedule.items():  # computed in float64, stored as float32 buffers
             self.register_buffer(name, torch.tensor(value, dtype=torch.float32), persistent=False)
-
-    @classmethod
-    def from_config(cls, cfg, model):
-        d = cfg.diffusion
-        return cls(model, timesteps=d.timesteps, beta_schedule=d.beta_schedule, beta_start=d.beta_start,
-                   beta_end=d.beta_end, objective=d.objective, variance=d.variance,
-                   clip_denoised=d.clip_denoised)
 
     # ---- forward process -------------------------------------------------------------------------------
 
@@ -105,16 +101,16 @@ class GaussianDiffusion(nn.Module):
 
     # ---- training ----------------------------------------------------------------------------------------
 
-    def loss(self, x0, y=None, t=None, noise=None):
+    def loss(self, model, x0, cond=None, t=None, noise=None):
         """L_simple (DDPM eq. 14): E_{t, x_0, eps} || target - model(x_t, t) ||^2 with t ~ U{0..T-1}.
 
         The target is eps, x_0, or v = sqrt(alpha-bar) eps - sqrt(1 - alpha-bar) x_0 (Salimans & Ho 2022).
-        y: labels (the null label num_classes where dropped for classifier-free guidance). t and noise may
-        be given (train.py draws them reproducibly); returns a float32 scalar."""
+        cond: the model's condition (labels; the null label where dropped for classifier-free guidance).
+        t and noise may be given (train.py draws them reproducibly); returns a float32 scalar."""
         b = x0.shape[0]
         t = torch.randint(0, self.num_timesteps, (b,), device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
-        out = self.model(self.q_sample(x0, t, noise), t, y)
+        out = model(self.q_sample(x0, t, noise), t, cond)
         if self.objective == "eps":
             target = noise
         elif self.objective == "x0":
@@ -126,23 +122,26 @@ class GaussianDiffusion(nn.Module):
 
     # ---- sampling ----------------------------------------------------------------------------------------
 
-    def predict(self, x_t, t, y=None, guidance_scale=1.0):
-        """The model's (eps, x_0) at x_t. With labels and guidance_scale w != 1, classifier-free guidance:
+    def predict(self, model, x_t, t, cond=None, guidance_scale=1.0):
+        """The model's (eps, x_0) at x_t. With a condition and guidance_scale w != 1, classifier-free guidance:
         eps = eps_uncond + w (eps_cond - eps_uncond), both from one batched forward pass of 2B."""
-        if y is not None and guidance_scale != 1.0:
-            null = torch.full_like(y, self.model.num_classes)
+        if cond is not None and guidance_scale != 1.0:
             x_in, t_in = torch.cat([x_t, x_t]), torch.cat([t, t])
-            out = self.model(x_in, t_in, torch.cat([y, null])).float()
+            out = model(x_in, t_in, torch.cat([cond, model.null_condition(cond)])).float()
             eps_cond, eps_uncond = self._to_eps(x_in, t_in, out).chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         else:
-            eps = self._to_eps(x_t, t, self.model(x_t, t, y).float())
+            eps = self._to_eps(x_t, t, model(x_t, t, cond).float())
         x0 = self.predict_x0_from_eps(x_t, t, eps)
         if self.clip_denoised:
             # recompute eps from the clipped x_0 so that the DDIM update stays consistent with it
             x0 = x0.clamp(-1, 1)
             eps = self.predict_eps_from_x0(x_t, t, x0)
         return eps, x0
+
+    def denoiser(self, model, cond=None, guidance_scale=1.0):
+        """denoise(x_t, t) -> (eps, x_0): `predict` with the network and its condition bound, for the samplers."""
+        return functools.partial(self.predict, model, cond=cond, guidance_scale=guidance_scale)
 
     def _to_eps(self, x_t, t, out):
         if self.objective == "eps":
@@ -153,67 +152,23 @@ class GaussianDiffusion(nn.Module):
         return (extract(self.sqrt_alphas_cumprod, t, x_t.ndim) * out
                 + extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * x_t)
 
-    def p_sample(self, x_t, t, z, y=None, guidance_scale=1.0):
+    def p_sample(self, denoise, x_t, t, z):
         """One ancestral step x_t -> x_{t-1} (DDPM Algorithm 2): the posterior mean at the predicted x_0,
         plus sigma_t z, with sigma_t^2 = beta-tilde_t ('fixed_small') or beta_t ('fixed_large'); no noise at t=0."""
-        eps, x0 = self.predict(x_t, t, y, guidance_scale)
+        _, x0 = denoise(x_t, t)
         mean, _, log_var = self.q_posterior(x0, x_t, t)
         if self.variance == "fixed_large":
             log_var = extract(self.fixed_large_log_variance, t, x_t.ndim)
         nonzero = (t > 0).float().reshape(-1, *([1] * (x_t.ndim - 1)))
         return mean + nonzero * (0.5 * log_var).exp() * z, x0
 
-    def ddim_step(self, x_t, t, t_prev, z, eta, y=None, guidance_scale=1.0):
+    def ddim_step(self, denoise, x_t, t, t_prev, z, eta):
         """One DDIM step (Song et al. 2021, eq. 12) from index t to t_prev (-1 means the data, alpha-bar = 1):
         x_prev = sqrt(a_prev) x_0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
         sigma = eta sqrt((1 - a_prev)/(1 - a_t)) sqrt(1 - a_t/a_prev)   (eq. 16)."""
-        eps, x0 = self.predict(x_t, t, y, guidance_scale)
+        eps, x0 = denoise(x_t, t)
         a_t = extract(self.alphas_cumprod, t, x_t.ndim)
         a_prev = extract(self.alphas_cumprod_prev, t_prev + 1, x_t.ndim)  # alphas_cumprod_prev[0] = 1: the data
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * z
         return x_prev, x0
-
-    def ddim_timesteps(self, steps: int) -> list[int]:
-        """`steps` evenly spaced indices from T-1 down to 0 (all of them when steps == T)."""
-        if not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"DDIM steps must be between 1 and T={self.num_timesteps}, got {steps}")
-        if steps == 1:  # one step goes from x_T (index T-1) straight to the data, not from index 0
-            return [self.num_timesteps - 1]
-        return np.linspace(0, self.num_timesteps - 1, steps).round().astype(int)[::-1].tolist()
-
-    @torch.inference_mode()
-    def p_sample_loop(self, shape, generator=None, noise=None, y=None, guidance_scale=1.0,
-                      record=()):
-        """DDPM ancestral sampling over all T steps, from x_T = noise (or N(0, I)) down to x_0."""
-        return self._loop(shape, list(range(self.num_timesteps - 1, -1, -1)), generator, noise, record,
-                          lambda x, t, t_prev, z: self.p_sample(x, t, z, y, guidance_scale))
-
-    @torch.inference_mode()
-    def ddim_sample(self, shape, steps=50, eta=0.0, generator=None, noise=None, y=None, guidance_scale=1.0,
-                    record=()):
-        """DDIM sampling over `steps` evenly spaced timesteps; eta=0 is deterministic given x_T, eta=1 has
-        DDPM's posterior variance (fixed_small)."""
-        return self._loop(shape, self.ddim_timesteps(steps), generator, noise, record,
-                          lambda x, t, t_prev, z: self.ddim_step(x, t, t_prev, z, eta, y, guidance_scale))
-
-    def _loop(self, shape, timesteps, generator, noise, record, step):
-        """Run `step` over the timesteps. Both samplers draw x_T and then one z per step from `generator`
-        in the same order, so they consume the same noise. Returns x_0, or (x_0, trajectory) when
-        `record` names timestep indices: trajectory = {'t': [...], 'x_t': [...], 'x0': [...]} on the CPU."""
-        device = self.betas.device
-        x = torch.randn(shape, generator=generator, device=device) if noise is None else noise.to(device)
-        trajectory = {"t": [], "x_t": [], "x0": []}
-        record = set(record)
-        steps = list(zip(timesteps, timesteps[1:] + [-1]))
-        for t_idx, t_prev_idx in steps:
-            t = torch.full((shape[0],), t_idx, device=device, dtype=torch.long)
-            t_prev = torch.full((shape[0],), t_prev_idx, device=device, dtype=torch.long)
-            z = torch.randn(shape, generator=generator, device=device)
-            x_in = x
-            x, x0 = step(x, t, t_prev, z)
-            if t_idx in record:
-                trajectory["t"].append(t_idx)
-                trajectory["x_t"].append(x_in.float().cpu())
-                trajectory["x0"].append(x0.float().cpu())
-        return (x, trajectory) if record else x

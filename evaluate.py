@@ -21,7 +21,7 @@ import os
 import torch
 from PIL import Image
 
-from checkpoint import diffusion_from_checkpoint, load_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 from config import DataConfig
 from dataset import ImageDataset, build_dataset
 from metrics import (
@@ -34,18 +34,20 @@ from metrics import (
     load_inception,
     reference_stats,
 )
-from sample import (
-    check_writable,
+from sampling import (
+    add_sampler_flags,
     class_labels,
     cycle,
     existing_images,
-    prepare_for_sampling,
+    prepare_model,
     sample_batches,
     sample_to_folder,
+    sampler_overrides,
 )
-from utils import ArgumentParser, UserError, atomic_write, cli, resolve_device, to_uint8
+from utils import ArgumentParser, UserError, atomic_write, check_writable, cli, resolve_device, to_uint8
 
 REF_CACHE = os.path.join("results", "fid_refs")
+INCEPTION_BATCH = 500  # images per Inception batch when no checkpoint gives sample.batch_size
 REFS = {"cifar10-train": "cifar10", "mnist-train": "mnist", "fashion_mnist-train": "fashion_mnist"}
 
 
@@ -66,9 +68,9 @@ def scores(features, logits, ref) -> dict:
     return {"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "is_mean": is_mean, "is_std": is_std}
 
 
-def fid_of(diffusion, cfg, n, device, extractor=None, cache_dir=REF_CACHE) -> float:
-    """FID of n samples (made in memory with cfg.sample's sampler, steps, eta, seed and guidance) against
-    the cached statistics of cfg.data: the hook for train.fid_every.
+def fid_of(model, diffusion, cfg, n, device, extractor=None, cache_dir=REF_CACHE) -> float:
+    """FID of n samples (made in memory with cfg.sample's settings) against the cached statistics of
+    cfg.data: the hook for train.fid_every.
 
     The seed is fixed, so successive calls during training see the same noise, which makes the curve
     smoother. Pass `extractor` (load_extractor(None, device)) to avoid reloading the Inception each time.
@@ -77,15 +79,12 @@ def fid_of(diffusion, cfg, n, device, extractor=None, cache_dir=REF_CACHE) -> fl
         raise UserError(f"FID needs at least 2 samples, got n={n}")
     extractor = load_extractor(None, device) if extractor is None else extractor
     ref = reference_stats(cfg.data, extractor, cache_dir, batch_size=cfg.sample.batch_size)
-    s = cfg.sample
-    num_classes = diffusion.model.num_classes
+    num_classes = model.num_classes
     labels = cycle(list(range(num_classes)), n) if num_classes else None  # conditional: every class equally
-    modes = [(m, m.training) for m in diffusion.modules()]
-    diffusion.eval()
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
-        batches = sample_batches(diffusion, n, range(0, n, s.batch_size), batch_size=s.batch_size, seed=s.seed,
-                                 device=device, labels=labels, sampler=s.sampler, steps=s.steps, eta=s.eta,
-                                 precision=s.precision, guidance_scale=s.guidance_scale)
+        batches = sample_batches(model, diffusion, n, cfg.sample, device, labels=labels)
         features, _ = extract_features(extractor, (to_uint8(x) for _, x in batches), n, desc="FID samples")
     finally:
         for m, training in modes:
@@ -112,33 +111,26 @@ def default_samples_dir(cfg, step, class_label) -> str:
     return os.path.join("results", cfg.name, f"samples-step{step}-{tag}")
 
 
-def flag_overrides(args) -> list[str]:
-    names = ("sampler", "steps", "eta", "seed", "batch_size", "guidance_scale")
-    return [f"sample.{k}={getattr(args, k)}" for k in names if getattr(args, k) is not None]
-
-
 def load_for_sampling(args, device):
-    """(cfg, diffusion, step, labels, n, samples folder) of --ckpt with the command line's sampling flags."""
+    """(cfg, model, diffusion, step, labels, n, samples folder) of --ckpt with the command line's sampling flags."""
     ckpt = load_checkpoint(args.ckpt)
     step = ckpt["step"]
-    cfg, diffusion = diffusion_from_checkpoint(ckpt, device, overrides=flag_overrides(args))
+    cfg, model, diffusion = model_from_checkpoint(ckpt, device, overrides=sampler_overrides(args))
     del ckpt
     labels, n, _ = class_labels(args.class_label, cfg.model.num_classes, 50_000 if args.n is None else args.n)
     folder = args.samples_dir or default_samples_dir(cfg, step, args.class_label)
     check_writable(folder, folder=True)
-    return cfg, diffusion, step, labels, n, folder
+    return cfg, model, diffusion, step, labels, n, folder
 
 
-def sample_checkpoint(args, cfg, diffusion, step, labels, n, folder, device):
+def sample_checkpoint(args, cfg, model, diffusion, step, labels, n, folder, device):
     """Make the samples folder hold n images of the checkpoint. Returns (samples data set, record fields)."""
     s = cfg.sample
     missing = n - len(existing_images(folder) & set(range(n)))
     if missing:
-        prepare_for_sampling(diffusion, cfg, device, min(s.batch_size, n), labels)
+        model = prepare_model(model, diffusion, cfg, device, min(s.batch_size, n), labels)
         print(f"sampling {missing} of {n} images into {folder}")
-    sample_to_folder(diffusion, folder, n, batch_size=s.batch_size, sampler=s.sampler, steps=s.steps, eta=s.eta,
-                     seed=s.seed, device=device, precision=s.precision, class_labels=labels,
-                     guidance_scale=s.guidance_scale)
+    sample_to_folder(model, diffusion, folder, n, s, device, class_labels=labels)
     files = [os.path.join(folder, f"{i:07d}.png") for i in range(n)]
     data = DataConfig(dataset="folder", root=folder, image_size=cfg.data.image_size, channels=cfg.data.channels)
     samples = ImageDataset(data, torch.full((n,), -1), [], files=files)
@@ -207,17 +199,12 @@ def parse_args(argv=None):
     p = ArgumentParser(description="FID, KID and Inception Score of a checkpoint's samples.", allow_abbrev=False)
     p.add_argument("--ckpt", help="checkpoint to sample from; without it, score the images of --samples-dir")
     p.add_argument("--n", type=int, help="number of samples (default 50000 with --ckpt, else all in the folder)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], help="default: the checkpoint's sample.sampler")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint's sample.steps)")
-    p.add_argument("--eta", type=float, help="DDIM eta (default: the checkpoint's sample.eta)")
-    p.add_argument("--seed", type=int, help="sampling seed (default: the checkpoint's sample.seed)")
-    p.add_argument("--guidance-scale", type=float, help="class-conditional only: classifier-free guidance w")
+    add_sampler_flags(p)
     p.add_argument("--class-label", help="class-conditional only: K or K1,K2,... (cycled); default: all classes")
     ref = p.add_mutually_exclusive_group()
     ref.add_argument("--ref", choices=list(REFS), help="reference set (default: the checkpoint's data set)")
     ref.add_argument("--ref-dir", help="reference set: a folder of images")
     p.add_argument("--samples-dir", help="folder of sample PNGs (default results/<name>/samples-step<step>-...)")
-    p.add_argument("--batch-size", type=int, default=500, help="images per sampler run and per Inception batch")
     p.add_argument("--out", help="JSON list the record is appended to (default results/<name>/metrics.json)")
     p.add_argument("--inception-weights", help="local pt_inception-2015-12-05-6726825d.pth (default: hub cache)")
     p.add_argument("--ref-cache", default=REF_CACHE, help=f"folder of reference statistics (default {REF_CACHE})")
@@ -225,7 +212,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.ckpt and not args.samples_dir:
         p.error("give --ckpt (to sample from it) or --samples-dir (a folder of images to score)")
-    if args.n is not None and args.n < 2 or args.batch_size < 1:
+    if args.n is not None and args.n < 2 or args.batch_size is not None and args.batch_size < 1:
         p.error("--n must be at least 2 and --batch-size at least 1")
     if not args.ckpt and (args.sampler or args.steps or args.eta is not None or args.guidance_scale is not None
                           or args.class_label or args.seed is not None):
@@ -239,7 +226,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     extractor = load_extractor(args.inception_weights, device)  # before sampling: a missing file fails now
     if args.ckpt:  # everything that can fail is checked, and the reference statistics made, before sampling
-        cfg, diffusion, step, labels, n, folder = load_for_sampling(args, device)
+        cfg, model, diffusion, step, labels, n, folder = load_for_sampling(args, device)
         size, channels = cfg.data.image_size, cfg.data.channels
         out = args.out or os.path.join("results", cfg.name, "metrics.json")
     else:
@@ -250,15 +237,16 @@ def main(argv=None):
     check_writable(out)
     read_records(out)
     ref_data, ref_name = reference_data(args, cfg, size, channels)
-    ref = reference_stats(ref_data, extractor, args.ref_cache, batch_size=args.batch_size)
+    batch_size = cfg.sample.batch_size if cfg else args.batch_size or INCEPTION_BATCH
+    ref = reference_stats(ref_data, extractor, args.ref_cache, batch_size=batch_size)
     if args.ckpt:
-        samples, info = sample_checkpoint(args, cfg, diffusion, step, labels, n, folder, device)
-        del diffusion
+        samples, info = sample_checkpoint(args, cfg, model, diffusion, step, labels, n, folder, device)
+        del model
         if device.type == "cuda":
             torch.cuda.empty_cache()  # room for the Inception's activations
     else:
         info = dict.fromkeys(("ckpt", "step", "sampler", "steps", "eta", "guidance_scale", "class_label", "seed"))
-    features, logits = extract_features(extractor, image_batches(samples, args.batch_size, n), n,
+    features, logits = extract_features(extractor, image_batches(samples, batch_size, n), n,
                                         desc="sample features")
     result = scores(features, logits, ref)
 

@@ -108,69 +108,67 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, image_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
-                 attention_resolutions=(16,), num_heads=1, dropout=0.1, num_classes=None, image_size=32,
-                 verbose=False):
+    """eps_theta(x_t, t, cond): the U-Net of the paper, shaped by a ModelConfig (config.py holds the defaults)."""
+
+    def __init__(self, cfg, image_channels: int, image_size: int):
         super().__init__()
-        self.image_channels, self.image_size, self.num_classes = image_channels, image_size, num_classes
-        ch, emb_dim = base_channels, 4 * base_channels
+        if cfg.num_classes == "auto":
+            raise ValueError("resolve model.num_classes='auto' from the data set before building the model")
+        self.image_channels, self.image_size, self.num_classes = image_channels, image_size, cfg.num_classes
+        base, mults, attn_res = cfg.base_channels, cfg.channel_mults, cfg.attention_resolutions
+        ch, emb_dim = base, 4 * base
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # labels 0..num_classes-1 and one extra 'null' label (index num_classes) for classifier-free guidance
-        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
         self.conv_in = nn.Conv2d(image_channels, ch, 3, padding=1)
 
+        def block(in_ch, out_ch, attention):
+            return Block(in_ch, out_ch, emb_dim, cfg.dropout, attention, cfg.num_heads)
+
         self.down, skip_channels, res = nn.ModuleList(), [ch], image_size
-        for level, mult in enumerate(channel_mults):
-            for _ in range(num_res_blocks):
-                self.down.append(Block(ch, base_channels * mult, emb_dim, dropout,
-                                       res in attention_resolutions, num_heads))
-                ch = base_channels * mult
+        for level, mult in enumerate(mults):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(block(ch, base * mult, res in attn_res))
+                ch = base * mult
                 skip_channels.append(ch)
-            if level != len(channel_mults) - 1:
+            if level != len(mults) - 1:
                 self.down.append(Downsample(ch))
                 skip_channels.append(ch)
                 res //= 2
 
-        self.mid = nn.ModuleList([Block(ch, ch, emb_dim, dropout, True, num_heads),
-                                  Block(ch, ch, emb_dim, dropout, False, num_heads)])
+        self.mid = nn.ModuleList([block(ch, ch, True), block(ch, ch, False)])
 
         self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mults))):
-            for _ in range(num_res_blocks + 1):
-                self.up.append(Block(ch + skip_channels.pop(), base_channels * mult, emb_dim, dropout,
-                                     res in attention_resolutions, num_heads))
-                ch = base_channels * mult
+        for level, mult in reversed(list(enumerate(mults))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(block(ch + skip_channels.pop(), base * mult, res in attn_res))
+                ch = base * mult
             if level != 0:
                 self.up.append(Upsample(ch))
                 res *= 2
 
         self.norm_out = group_norm(ch)
         self.conv_out = zero_init(nn.Conv2d(ch, image_channels, 3, padding=1))
-        if verbose:
-            print(f"UNet: {self.num_params() / 1e6:.2f}M parameters")
 
     @classmethod
-    def from_config(cls, cfg, verbose=True):
-        """Build from a Config. model.num_classes must already be resolved (an int or None, not 'auto')."""
-        m = cfg.model
-        if m.num_classes == "auto":
-            raise ValueError("resolve model.num_classes='auto' from the data set before building the model")
-        return cls(image_channels=cfg.data.channels, base_channels=m.base_channels,
-                   channel_mults=tuple(m.channel_mults), num_res_blocks=m.num_res_blocks,
-                   attention_resolutions=tuple(m.attention_resolutions), num_heads=m.num_heads,
-                   dropout=m.dropout, num_classes=m.num_classes, image_size=cfg.data.image_size,
-                   verbose=verbose)
+    def from_config(cls, cfg):
+        """The network of a whole Config: its model section at the data's channels and image size."""
+        return cls(cfg.model, cfg.data.channels, cfg.data.image_size)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, x, t, y=None):
-        """Predict from x_t (B x C x H x W) at integer steps t (B,); y (B,) labels, or None for the null label."""
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """The 'no condition' input of classifier-free guidance, batched like `cond`: the null label."""
+        return torch.full_like(cond, self.num_classes)
+
+    def forward(self, x, t, cond=None):
+        """Predict from x_t (B x C x H x W) at integer steps t (B,); cond (B,) labels, or None for the null label."""
         emb = self.time_mlp(timestep_embedding(t, self.conv_in.out_channels))
         if self.label_emb is not None:
-            if y is None:
-                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
-            emb = emb + self.label_emb(y)
+            if cond is None:
+                cond = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.label_emb(cond)
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:

@@ -14,7 +14,6 @@ with gradient accumulation and a run on several processes see exactly the same n
 """
 import contextlib
 import copy
-import datetime
 import gc
 import math
 import os
@@ -30,6 +29,7 @@ from checkpoint import check_same_architecture, load_checkpoint, load_weights, s
 from config import config_from_dict, dump, load_config, to_dict
 from dataset import Batches, build_dataset, num_classes, preload_wanted, stream_seed
 from diffusion import GaussianDiffusion
+from distributed import setup_distributed, wait_for_all
 from model import UNet
 from utils import (
     ArgumentParser,
@@ -38,7 +38,6 @@ from utils import (
     autocast_dtype,
     cli,
     make_grid,
-    resolve_device,
     save_image,
     to_uint8,
 )
@@ -53,25 +52,6 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.batch_size=64")
     return p.parse_args(argv)
-
-
-def setup_distributed(device_arg: str):
-    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) join the group: NCCL on GPUs, gloo on CPUs."""
-    device = resolve_device(device_arg)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
-    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("RANK") == "0":
-        # seen with torch 2.14: restarted workers read the dead ones' addresses from the shared store (pytorch#135712)
-        print("warning: with --max-restarts, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun, or a "
-              "restarted job may fail to reconnect (see the README)")
-    # the timeout turns a stuck peer into an error instead of a hang; it must outlast a rank-0 checkpoint
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
-    return dist.get_rank(), world, device
 
 
 def lr_factor(step: int, cfg) -> float:
@@ -139,18 +119,19 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with it
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(t.seed)
-        self.model = UNet.from_config(cfg, verbose=rank == 0).to(device)
+        self.model = UNet.from_config(cfg).to(device)
+        if rank == 0:
+            print(f"UNet: {self.model.num_params() / 1e6:.2f}M parameters")
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
-        self.ema_diffusion = GaussianDiffusion.from_config(cfg, self.ema).to(device).eval()
+        self.diffusion = GaussianDiffusion(cfg.diffusion).to(device)
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world > 1 else None
         self.eager = self.ddp or self.model
         want_compile = device.type == "cuda" if t.compile == "auto" else t.compile
-        net = torch.compile(self.eager) if want_compile else self.eager
+        self.net = torch.compile(self.eager) if want_compile else self.eager
         self.compiled = want_compile
-        self.diffusion = GaussianDiffusion.from_config(cfg, net).to(device)
 
         opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
         self.opt = opt_cls(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
@@ -216,7 +197,7 @@ class Trainer:
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
-                    loss = self.diffusion.loss(x[part], None if y is None else y[part], t=t[part],
+                    loss = self.diffusion.loss(self.net, x[part], None if y is None else y[part], t=t[part],
                                                noise=noise[part]) / accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -241,7 +222,7 @@ class Trainer:
         interpreter shuts down can abort the process ('terminate called without an active exception')."""
         if self.ddp is not None:
             self.ddp = None
-            self.eager = self.diffusion.model = self.model
+            self.eager = self.net = self.model
             gc.collect()
 
     def first_step(self):
@@ -254,7 +235,7 @@ class Trainer:
         except Exception as e:  # compilers fail in many ways; none of them should end the run
             self.log(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                      "training in eager mode (set train.compile=false to skip compiling)")
-            self.diffusion.model, self.compiled = self.eager, False
+            self.net, self.compiled = self.eager, False
             self.opt.zero_grad(set_to_none=True)
             self.batches.load_state_dict(state)
             return self.train_step()
@@ -303,14 +284,13 @@ def save(trainer, runlog, ckpt_dir) -> None:
 
 def sample_grid(trainer, runlog, out_dir) -> None:
     """A grid from the EMA model with fixed noise (same seed every time), so grids are comparable."""
-    from sample import generate
-    cfg, s = trainer.cfg, trainer.cfg.sample
+    from sampling import generate
+    cfg = trainer.cfg
     gen = torch.Generator(trainer.device).manual_seed(cfg.train.seed)
     y = None
     if trainer.has_labels:
         y = torch.arange(cfg.train.sample_n, device=trainer.device) % cfg.model.num_classes
-    x = generate(trainer.ema_diffusion, cfg.train.sample_n, sampler=s.sampler, steps=s.steps, eta=s.eta,
-                 generator=gen, device=trainer.device, precision=s.precision, y=y, guidance_scale=s.guidance_scale)
+    x = generate(trainer.ema, trainer.diffusion, cfg.train.sample_n, cfg.sample, gen, trainer.device, y)
     grid = make_grid(to_uint8(x))
     save_image(grid, os.path.join(out_dir, "samples", f"step_{trainer.step:07d}.png"))
     runlog.image("samples", grid, trainer.step)
@@ -320,7 +300,7 @@ def log_fid(trainer, runlog, out_dir, extractor) -> None:
     """FID of train.fid_samples EMA samples, to TensorBoard and results/<name>/metrics.json."""
     from evaluate import append_record, fid_of
     cfg, step = trainer.cfg, trainer.step
-    fid = fid_of(trainer.ema_diffusion, cfg, cfg.train.fid_samples, trainer.device, extractor=extractor)
+    fid = fid_of(trainer.ema, trainer.diffusion, cfg, cfg.train.fid_samples, trainer.device, extractor=extractor)
     runlog.scalar("eval/fid", fid, step)
     runlog.message(f"step {step}: FID {fid:.2f} ({cfg.train.fid_samples} samples)")
     append_record(os.path.join(out_dir, "metrics.json"),
@@ -447,12 +427,6 @@ def train_loop(trainer, runlog, stop, cfg, ckpt_dir, out_dir, rank, world, devic
         runlog.write_files()
         print(f"done: {t.max_steps} steps; checkpoint {ckpt_dir}/last.pt, outputs in {out_dir}/")
     wait_for_all(world)
-
-
-def wait_for_all(world: int) -> None:
-    """Every rank waits for rank 0's last checkpoint before any of them tears down its process group."""
-    if world > 1:
-        dist.barrier()
 
 
 if __name__ == "__main__":

@@ -106,3 +106,16 @@ def save_image(array, path: str) -> None:
 def save_grid(x: torch.Tensor, path: str, nrow: int | None = None) -> None:
     """Save images in [-1, 1] as one grid PNG."""
     save_image(make_grid(to_uint8(x), nrow=nrow), path)
+
+
+def check_writable(path: str, folder: bool = False) -> None:
+    """Fail now rather than after sampling when `path` (a file, or a folder) cannot be written."""
+    parent = path if folder else os.path.dirname(os.path.abspath(path))
+    if not folder and os.path.isdir(path):
+        raise UserError(f"cannot write '{path}': it is a folder; give a file name")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write '{path}' ({e.strerror or e})") from None

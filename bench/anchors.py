@@ -9,6 +9,7 @@ Each builder returns an Impl; an anchor whose package is missing raises ImportEr
 reports and skips. `quick` builds each network at toy size, for the CPU smoke test.
 """
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ sys.path.insert(0, ROOT)
 from config import load_config  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from model import UNet  # noqa: E402
+from samplers import sample_loop  # noqa: E402
 
 CIFAR10 = os.path.join(ROOT, "configs", "cifar10.yaml")
 QUICK_OURS = ["model.base_channels=32", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
@@ -61,21 +63,17 @@ class Impl:
 
 def ours(device, quick=False) -> Impl:
     cfg = load_config(CIFAR10, QUICK_OURS if quick else [])
-    model = UNet.from_config(cfg, verbose=False).to(device)
+    model = UNet.from_config(cfg).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # as train.py and sample.py do
-    diffusion = GaussianDiffusion.from_config(cfg, model).to(device)
+    diffusion = GaussianDiffusion(cfg.diffusion).to(device)
     size = cfg.data.image_size
 
-    def loss_fn(net, x0):
-        diffusion.model = net
-        return diffusion.loss(x0)
-
     def sample_fn(net, n, steps):
-        diffusion.model = net
-        return diffusion.ddim_sample((n, 3, size, size), steps=steps, eta=0.0)
+        s = dataclasses.replace(cfg.sample, sampler="ddim", steps=steps, eta=0.0)
+        return sample_loop(diffusion, diffusion.denoiser(net), torch.randn(n, 3, size, size, device=device), s)
 
-    return Impl("ours", "this repository", model, loss_fn, sample_fn, lambda net, x, t: net(x, t))
+    return Impl("ours", "this repository", model, diffusion.loss, sample_fn, lambda net, x, t: net(x, t))
 
 
 def linear_betas(device):

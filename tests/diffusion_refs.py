@@ -4,23 +4,12 @@ the paper; alphas_cumprod[0] = 1 - beta_1."""
 import math
 
 import numpy as np
-import pytest
 import torch
 import torch.nn as nn
-
-from diffusion import GaussianDiffusion
-from model import UNet
 
 BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
            "sqrt_one_minus_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
            "posterior_mean_coef1", "posterior_mean_coef2")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # runs after conftest's set_num_threads(2): these tensors are tiny, and when the 2 cores are shared with
-    # other processes two spinning OpenMP threads make them 10-40 times slower than one thread
-    torch.set_num_threads(1)
 
 
 # ---- float64 references, written from the papers' formulas with plain Python loops -------------------------
@@ -69,10 +58,6 @@ def ref_schedule(betas):
     return {k: np.array(v, dtype=np.float64) for k, v in ref.items()}
 
 
-def make_diffusion(model=None, **kw):
-    return GaussianDiffusion(model if model is not None else nn.Identity(), **kw)
-
-
 def assert_close64(actual: torch.Tensor, expected, rtol, atol, msg=""):
     actual = actual.detach().double().cpu().numpy()
     expected = np.asarray(expected, dtype=np.float64)
@@ -113,18 +98,3 @@ class ExactEps(nn.Module):
     def forward(self, x, t, y=None):
         a = self.abar[t].reshape(-1, 1, 1, 1)
         return ((x.double() - a.sqrt() * self.x0) / (1 - a).sqrt()).float()
-
-
-def tiny_unet(seed=0, **kw):
-    """A small random-weight U-Net whose output is not identically zero: the zero-initialised layers get small
-    random weights instead."""
-    torch.manual_seed(seed)
-    args = dict(image_channels=3, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-                attention_resolutions=(8,), image_size=16, dropout=0.0)
-    args.update(kw)
-    model = UNet(**args)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
-    return model.eval()

@@ -1,18 +1,67 @@
-"""Shared bits of the tests: a tiny training setup that runs in a second on the CPU, and a subprocess runner."""
+"""Shared bits of the tests: one factory for tiny networks, diffusions and checkpoints, a tiny training setup
+that runs in a second on the CPU, and a subprocess runner."""
 import os
 import subprocess
 import sys
 
+import torch
+
+from checkpoint import save_checkpoint
+from config import DiffusionConfig, ModelConfig, load_config, to_dict
+from diffusion import GaussianDiffusion
+from model import UNet
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "quickstart.yaml")
 
-# 8x8 shapes, a 16-channel two-level U-Net, T=50: a step takes a few milliseconds
+# train.py on 8x8 shapes, a 16-channel two-level U-Net, T=50: a step takes a few milliseconds
 TINY = ["data.dataset=shapes", "data.image_size=8", "data.num_images=64", "model.base_channels=16",
         "model.channel_mults=[1,2]", "model.num_res_blocks=1", "model.attention_resolutions=[4]",
         "model.dropout=0.0", "diffusion.timesteps=50", "train.batch_size=8", "train.lr=1e-3",
         "train.warmup_steps=2", "train.num_workers=0", "train.log_every=1", "train.save_every=5",
         "train.sample_every=1000", "train.sample_n=4", "sample.steps=3", "train.deterministic=true",
         "train.compile=false", "train.ema_decay=0.9"]
+
+# the tiny network of the unit tests: 16x16 images, 16 channels, two levels, attention at 8x8
+TINY_MODEL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(8,), dropout=0.0)
+# ... and the same as config overrides, for checkpoints (T = 20, shapes as the data set)
+TINY_CKPT = ["name=tiny", "model.base_channels=16", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
+             "model.attention_resolutions=[8]", "model.dropout=0.0", "data.image_size=16", "data.dataset=shapes",
+             "data.num_images=64", "diffusion.timesteps=20", "sample.steps=5", "sample.n=4", "sample.batch_size=4"]
+
+
+def perturb_zero_params(model: torch.nn.Module, std=0.05, seed=0) -> torch.nn.Module:
+    """Give the zero-initialised parameters small random values, so that every path of the network matters
+    (a fresh U-Net outputs exactly 0 and ignores t and the label)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def tiny_unet(seed=0, perturb=True, channels=3, size=16, **fields) -> UNet:
+    """The tiny U-Net (fields override TINY_MODEL), in eval mode; perturbed so that its output is not zero."""
+    torch.manual_seed(seed)
+    model = UNet(ModelConfig(**{**TINY_MODEL, **fields}), channels, size)
+    return (perturb_zero_params(model, seed=seed) if perturb else model).eval()
+
+
+def make_diffusion(**fields) -> GaussianDiffusion:
+    """GaussianDiffusion of a DiffusionConfig with these fields (the rest at their defaults)."""
+    return GaussianDiffusion(DiffusionConfig(**fields))
+
+
+def tiny_checkpoint(path, *overrides, config=None) -> str:
+    """A checkpoint of a random tiny network (TINY_CKPT + overrides on configs/cifar10.yaml, or on `config`);
+    its EMA weights differ a little from the raw ones. Returns the path."""
+    cfg = load_config(config or os.path.join(ROOT, "configs", "cifar10.yaml"), [*TINY_CKPT, *overrides])
+    model = perturb_zero_params(UNet.from_config(cfg), std=0.1)
+    sd = model.state_dict()
+    ema = {k: v + 0.02 * torch.randn(v.shape) if k == "conv_out.weight" else v for k, v in sd.items()}
+    save_checkpoint({"step": 0, "config": to_dict(cfg), "model": sd, "ema": ema}, str(path))
+    return str(path)
 
 
 def run_script(args, cwd, env_extra=None, timeout=300, **kwargs):

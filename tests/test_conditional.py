@@ -7,9 +7,10 @@ import torch
 from helpers import CONFIG, ROOT, TINY, assert_one_line_error, run_script
 from PIL import Image
 
-import sample
+import sampling
 import train
-from checkpoint import diffusion_from_checkpoint, load_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
+from config import SampleConfig
 
 SIZE = 8
 
@@ -37,7 +38,6 @@ def conditional_run(tmp_path_factory):
     write_two_classes(tmp / "images")
     old = os.getcwd()
     os.chdir(tmp)
-    torch.set_num_threads(1)
     try:
         train.main(["--config", CONFIG, "--name", "c", *TINY, "data.dataset=folder", f"data.root={tmp / 'images'}",
                     "data.channels=1", "data.hflip=false", "model.num_classes=auto", "train.max_steps=300",
@@ -51,10 +51,10 @@ def conditional_run(tmp_path_factory):
 
 
 def samples_of(ckpt_path, label, guidance, n=64):
-    cfg, diffusion = diffusion_from_checkpoint(load_checkpoint(str(ckpt_path)), torch.device("cpu"))
+    cfg, model, diffusion = model_from_checkpoint(load_checkpoint(str(ckpt_path)), torch.device("cpu"))
     y = None if label is None else torch.full((n,), label, dtype=torch.long)
-    return sample.generate(diffusion, n, sampler="ddim", steps=20, eta=0.0, generator=torch.Generator().manual_seed(1),
-                           device="cpu", y=y, guidance_scale=guidance)
+    s = SampleConfig(sampler="ddim", steps=20, guidance_scale=guidance)
+    return sampling.generate(model, diffusion, n, s, torch.Generator().manual_seed(1), "cpu", y)
 
 
 def test_num_classes_auto_comes_from_the_sub_folders(conditional_run):

@@ -5,12 +5,12 @@ import os
 
 import pytest
 import torch
-from helpers import CONFIG, ROOT, TINY, run_script
+from helpers import CONFIG, ROOT, TINY, perturb_zero_params, run_script
 
-import sample
+import sampling
 import train
 from checkpoint import load_checkpoint
-from config import load_config
+from config import SampleConfig, load_config
 from dataset import Batches, build_dataset
 from diffusion import GaussianDiffusion
 from model import UNet
@@ -62,20 +62,16 @@ def test_fp16_scales_the_loss_and_stays_finite():
     assert trainer.scaler.get_scale() > 1.0
 
 
-def random_diffusion(*overrides):
+def random_model(*overrides):
     cfg = load_config(CONFIG, [*TINY, *overrides])
-    torch.manual_seed(0)
-    model = UNet.from_config(cfg, verbose=False)
-    with torch.no_grad():  # the zero-initialised output layers would make the network output zero
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return cfg, GaussianDiffusion.from_config(cfg, model.to(CUDA).eval()).to(CUDA)
+    model = perturb_zero_params(UNet.from_config(cfg))
+    return cfg, model.to(CUDA).eval(), GaussianDiffusion(cfg.diffusion).to(CUDA)
 
 
-def ddim(diffusion, precision):
+def ddim(model, diffusion, precision):
     gen = torch.Generator(CUDA).manual_seed(0)
-    return sample.generate(diffusion, 8, sampler="ddim", steps=5, eta=0.0, generator=gen, device=CUDA,
-                           precision=precision)
+    s = SampleConfig(sampler="ddim", steps=5, precision=precision)
+    return sampling.generate(model, diffusion, 8, s, gen, CUDA)
 
 
 def relative_error(a, b):
@@ -83,12 +79,12 @@ def relative_error(a, b):
 
 
 def test_sampling_bf16_and_compiled_agree_with_fp32_eager():
-    cfg, diffusion = random_diffusion("train.compile=auto")
-    reference = ddim(diffusion, "fp32")
-    assert relative_error(ddim(diffusion, "bf16"), reference) < 5e-2
-    sample.prepare_for_sampling(diffusion, cfg, CUDA, 8, None)
-    assert isinstance(diffusion.model, torch._dynamo.eval_frame.OptimizedModule)
-    assert relative_error(ddim(diffusion, "fp32"), reference) < 1e-2
+    cfg, model, diffusion = random_model("train.compile=auto")
+    reference = ddim(model, diffusion, "fp32")
+    assert relative_error(ddim(model, diffusion, "bf16"), reference) < 5e-2
+    compiled = sampling.prepare_model(model, diffusion, cfg, CUDA, 8, None)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    assert relative_error(ddim(compiled, diffusion, "fp32"), reference) < 1e-2
 
 
 def test_resume_on_cuda_is_exact(tmp_path):

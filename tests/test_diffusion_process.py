@@ -5,15 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusion_refs import (  # noqa: F401 (_one_thread is an autouse fixture)
-    BUFFERS,
-    _one_thread,
-    assert_close64,
-    make_diffusion,
-    ref_cosine_betas,
-    ref_linear_betas,
-    ref_schedule,
-)
+from diffusion_refs import BUFFERS, assert_close64, ref_cosine_betas, ref_linear_betas, ref_schedule
+from helpers import make_diffusion
 
 # ---- schedules and buffers -----------------------------------------------------------------------------------
 

@@ -9,25 +9,13 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn as nn
-from helpers import ROOT, assert_one_line_error, run_script
+from helpers import ROOT, assert_one_line_error, run_script, tiny_checkpoint
 from PIL import Image
 
 import evaluate
 import metrics
-from checkpoint import diffusion_from_checkpoint, load_checkpoint, save_checkpoint
-from config import load_config, to_dict
+from checkpoint import load_checkpoint, model_from_checkpoint
 from dataset import make_shapes
-from model import UNet
-
-TINY_CKPT = ["model.base_channels=16", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
-             "model.attention_resolutions=[8]", "data.image_size=16", "data.dataset=shapes", "data.num_images=64",
-             "diffusion.timesteps=20", "sample.steps=2"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the tiny convolutions here run far faster on one thread than on two when the cores are shared
-    torch.set_num_threads(1)
 
 
 class TinyExtractor:
@@ -240,21 +228,13 @@ def test_real_extractor_loads_a_local_weights_file(tmp_path):
 # ---- a checkpoint ------------------------------------------------------------------------------------------
 
 
-def tiny_checkpoint(path, *extra):
-    cfg = load_config(os.path.join(ROOT, "configs", "cifar10.yaml"), TINY_CKPT + list(extra))
-    torch.manual_seed(0)
-    sd = UNet.from_config(cfg, verbose=False).state_dict()
-    save_checkpoint({"step": 0, "config": to_dict(cfg), "model": sd, "ema": sd}, str(path))
-    return str(path)
-
-
 def test_checkpoint_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ckpt = tiny_checkpoint(tmp_path / "last.pt")
     extractor = use_extractor(monkeypatch, TinyExtractor())
     args = ["--ckpt", ckpt, "--n", "8", "--sampler", "ddim", "--steps", "2", "--device", "cpu", "--batch-size", "4"]
     record = evaluate.main(args)
-    folder = tmp_path / "results" / "cifar10" / "samples-step0-ddim2"
+    folder = tmp_path / "results" / "tiny" / "samples-step0-ddim2"
     assert sorted(os.listdir(folder)) == [f"{i:07d}.png" for i in range(8)]
     assert extractor.seen == 8 + 64  # the samples and the checkpoint's data set (64 shapes)
     assert (record["step"], record["sampler"], record["steps"], record["eta"], record["n"]) == (0, "ddim", 2, 0.0, 8)
@@ -263,7 +243,7 @@ def test_checkpoint_end_to_end(tmp_path, monkeypatch):
     again = evaluate.main(args)  # the samples and the reference statistics are reused
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
     assert again["fid"] == pytest.approx(record["fid"]) and extractor.seen == 8 + 64 + 8
-    assert len(json.loads((tmp_path / "results" / "cifar10" / "metrics.json").read_text())) == 2
+    assert len(json.loads((tmp_path / "results" / "tiny" / "metrics.json").read_text())) == 2
 
 
 def test_conditional_checkpoint_with_guidance(tmp_path, monkeypatch):
@@ -273,7 +253,7 @@ def test_conditional_checkpoint_with_guidance(tmp_path, monkeypatch):
     record = evaluate.main(["--ckpt", ckpt, "--n", "4", "--device", "cpu", "--guidance-scale", "2",
                             "--class-label", "1", "--sampler", "ddpm"])
     assert (record["guidance_scale"], record["class_label"], record["steps"], record["eta"]) == (2.0, "1", 20, None)
-    assert len(os.listdir(tmp_path / "results" / "cifar10" / "samples-step0-ddpm-w2-class1")) == 4
+    assert len(os.listdir(tmp_path / "results" / "tiny" / "samples-step0-ddpm-w2-class1")) == 4
     unconditional = tiny_checkpoint(tmp_path / "uncond.pt")
     with pytest.raises(SystemExit):
         evaluate.main(["--ckpt", unconditional, "--n", "4", "--device", "cpu", "--guidance-scale", "2"])
@@ -289,14 +269,13 @@ def test_grayscale_checkpoint(tmp_path, monkeypatch):
 
 
 def test_fid_of_for_training(tmp_path):
-    cfg, diffusion = diffusion_from_checkpoint(load_checkpoint(tiny_checkpoint(tmp_path / "last.pt")), "cpu")
-    diffusion.train()
-    diffusion.model.eval()  # as train.py's EMA: the wrapper's mode must not leak into the network's
+    cfg, model, diffusion = model_from_checkpoint(load_checkpoint(tiny_checkpoint(tmp_path / "last.pt")), "cpu")
+    model.train()
+    model.res = torch.nn.Dropout().eval()  # a submodule in another mode than its parent keeps its own mode
     extractor = TinyExtractor()
-    fid = evaluate.fid_of(diffusion, cfg, 8, "cpu", extractor=extractor, cache_dir=str(tmp_path / "refs"))
-    assert np.isfinite(fid) and fid > 0 and diffusion.training  # the mode it was in
-    assert not any(m.training for m in diffusion.model.modules())
+    fid = evaluate.fid_of(model, diffusion, cfg, 8, "cpu", extractor=extractor, cache_dir=str(tmp_path / "refs"))
+    assert np.isfinite(fid) and fid > 0 and model.training and not model.res.training  # the modes it was in
     assert extractor.seen == 8 + 64
-    assert evaluate.fid_of(diffusion, cfg, 8, "cpu", extractor=extractor,
+    assert evaluate.fid_of(model, diffusion, cfg, 8, "cpu", extractor=extractor,
                            cache_dir=str(tmp_path / "refs")) == pytest.approx(fid)  # same seed, cached reference
     assert extractor.seen == 8 + 64 + 8

@@ -1,5 +1,6 @@
 """sample.py on tiny random checkpoints (16x16 images, T=20): the pictures it writes, the resumable
 folder, seeds, class labels, and one-line errors for bad input."""
+import inspect
 import math
 import os
 import subprocess
@@ -7,32 +8,19 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT, tiny_checkpoint
 from PIL import Image, ImageSequence
 
-import config
 import sample
-from checkpoint import diffusion_from_checkpoint, load_checkpoint, save_checkpoint
-from model import UNet
+import sampling
+from checkpoint import load_checkpoint, model_from_checkpoint
+from config import SampleConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZE, PAD, T = 16, 2, 20
+SIZE, PAD, T = 16, 2, 20  # helpers.TINY_CKPT: 16x16 images, T = 20, 5 DDIM steps, sample.n = 4
 
 
 def make_checkpoint(path, *overrides):
-    cfg = config.load_config(os.path.join(ROOT, "configs", "cifar10.yaml"), [
-        "name=tiny", "model.base_channels=16", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
-        "model.attention_resolutions=[8]", "model.dropout=0.0", f"data.image_size={SIZE}", "data.dataset=shapes",
-        "data.num_images=64", f"data.root={path.parent / 'data'}", f"diffusion.timesteps={T}", "sample.steps=5",
-        "sample.n=4", "sample.batch_size=4", *overrides])
-    torch.manual_seed(0)
-    sd = UNet.from_config(cfg, verbose=False).state_dict()
-    # the zero-initialised output layers would make every block the identity and ignore t and the label
-    for k, v in sd.items():
-        if k.endswith("weight") and not v.any():
-            sd[k] = torch.randn(v.shape) * 0.1
-    ema = {k: v + 0.02 * torch.randn(v.shape) if k == "conv_out.weight" else v for k, v in sd.items()}
-    save_checkpoint({"step": 0, "config": config.to_dict(cfg), "model": sd, "ema": ema}, str(path))
-    return str(path)
+    return tiny_checkpoint(path, f"diffusion.timesteps={T}", *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +98,10 @@ def test_options_change_the_images(ckpt, tmp_path):
 
 
 def test_generate(ckpt):
-    _, diffusion = diffusion_from_checkpoint(load_checkpoint(ckpt), "cpu")
+    _, model, diffusion = model_from_checkpoint(load_checkpoint(ckpt), "cpu")
     gen = torch.Generator().manual_seed(0)
-    x, trajectory = sample.generate(diffusion, 2, sampler="ddim", steps=4, eta=0.0, generator=gen, device="cpu",
-                                    record=(T - 1, 0))
+    s = SampleConfig(sampler="ddim", steps=4)
+    x, trajectory = sampling.generate(model, diffusion, 2, s, gen, "cpu", record=(T - 1, 0))
     assert x.shape == (2, 3, SIZE, SIZE) and x.dtype == torch.float32 and x.abs().max() <= 1
     assert trajectory["t"] == [T - 1, 0] and trajectory["x0"][0].shape == x.shape
 
@@ -139,12 +127,12 @@ def test_save_dir_writes_n_files_and_adds_only_missing_ones(ckpt, tmp_path):
 def test_resumed_folder_equals_one_made_in_one_go(ckpt, tmp_path, monkeypatch):
     argv = ["--ckpt", ckpt, "--n", 7, "--batch-size", 3, "--sampler", "ddpm"]
     run(*argv, "--save-dir", tmp_path / "once")
-    save_png = sample.save_png
+    save_png = sampling.save_png
     def save_four_then_stop(image, path):
         if len(names(tmp_path / "resumed")) == 4:  # killed in the middle of the second batch
             raise KeyboardInterrupt
         save_png(image, path)
-    monkeypatch.setattr(sample, "save_png", save_four_then_stop)
+    monkeypatch.setattr(sampling, "save_png", save_four_then_stop)
     with pytest.raises(KeyboardInterrupt):
         run(*argv, "--save-dir", tmp_path / "resumed")
     monkeypatch.undo()
@@ -157,10 +145,11 @@ def test_resumed_folder_equals_one_made_in_one_go(ckpt, tmp_path, monkeypatch):
 
 
 def test_sample_to_folder_returns_the_count(cond_ckpt, tmp_path):
-    _, diffusion = diffusion_from_checkpoint(load_checkpoint(cond_ckpt), "cpu")
-    kwargs = dict(batch_size=2, sampler="ddim", steps=2, eta=0.0, seed=0, device="cpu", guidance_scale=2.0)
-    assert sample.sample_to_folder(diffusion, str(tmp_path), 3, class_labels=[2, 0], **kwargs) == 3
-    assert sample.sample_to_folder(diffusion, str(tmp_path), 2, class_labels=torch.tensor([1, 1]), **kwargs) == 3
+    _, model, diffusion = model_from_checkpoint(load_checkpoint(cond_ckpt), "cpu")
+    s = SampleConfig(batch_size=2, sampler="ddim", steps=2, guidance_scale=2.0)
+    assert sampling.sample_to_folder(model, diffusion, str(tmp_path), 3, s, "cpu", class_labels=[2, 0]) == 3
+    assert sampling.sample_to_folder(model, diffusion, str(tmp_path), 2, s, "cpu",
+                                     class_labels=torch.tensor([1, 1])) == 3
 
 
 # ---- pictures of the process ---------------------------------------------------------------------------------
@@ -204,11 +193,12 @@ def test_forward_timesteps():
 
 def spy_labels(monkeypatch):
     """Record the labels of every generate() call."""
-    seen, generate = [], sample.generate
-    def spy(*args, y=None, **kwargs):
-        seen.append(None if y is None else y.tolist())
-        return generate(*args, y=y, **kwargs)
-    monkeypatch.setattr(sample, "generate", spy)
+    seen, generate = [], sampling.generate
+    def spy(*args, **kwargs):
+        cond = inspect.signature(generate).bind(*args, **kwargs).arguments.get("cond")
+        seen.append(None if cond is None else cond.tolist())
+        return generate(*args, **kwargs)
+    monkeypatch.setattr(sampling, "generate", spy)
     return seen
 
 

@@ -6,17 +6,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from diffusion_refs import (  # noqa: F401 (_one_thread is an autouse fixture)
-    ExactEps,
-    FakeEps,
-    _one_thread,
-    assert_close64,
-    make_diffusion,
-    ref_cosine_betas,
-    ref_linear_betas,
-    ref_schedule,
-    tiny_unet,
-)
+from diffusion_refs import ExactEps, FakeEps, assert_close64, ref_cosine_betas, ref_linear_betas, ref_schedule
+from helpers import make_diffusion, tiny_unet
+
+from config import SampleConfig
+from samplers import sample_loop, sampler_timesteps
+
+
+def run_sampler(d, model, x_T, sampler="ddim", steps=None, eta=0.0, seed=None, record=()):
+    """sample_loop with these settings; seed=None: no per-step generator (eta = 0 draws nothing that matters)."""
+    s = SampleConfig(sampler=sampler, steps=steps or d.num_timesteps, eta=eta)
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    return sample_loop(d, d.denoiser(model), x_T, s, g, record=record)
+
+
+def ddpm_and_ddim_with_seed(d, model, shape, seed, **kw):
+    """x_T and then the per-step noise from one generator, as sampling.generate draws them."""
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(shape, generator=g)
+    return sample_loop(d, d.denoiser(model), x_T, SampleConfig(**kw), g, record=range(d.num_timesteps))
 
 # ---- one sampling step ---------------------------------------------------------------------------------------
 
@@ -29,12 +37,12 @@ def test_one_ddpm_step_against_float64(variance, clip):
     betas = ref_linear_betas(T, 1e-4, 0.02)
     ref = ref_schedule(betas)
     fake = FakeEps(T)
-    d = make_diffusion(fake, timesteps=T, variance=variance, clip_denoised=clip)
+    d = make_diffusion(timesteps=T, variance=variance, clip_denoised=clip)
     g = torch.Generator().manual_seed(4)
     ts = np.array([0, 1, 2, 7, 500, 998, 999])
     x_t = torch.randn(len(ts), 2, 3, 3, generator=g) * 1.5
     z = torch.randn(len(ts), 2, 3, 3, generator=g)
-    x_prev, x0_out = d.p_sample(x_t, torch.tensor(ts), z)
+    x_prev, x0_out = d.p_sample(d.denoiser(fake), x_t, torch.tensor(ts), z)
 
     x64, z64 = x_t.double().numpy(), z.double().numpy()
     col = (-1, 1, 1, 1)
@@ -63,13 +71,13 @@ def test_one_ddim_step_against_eq12(eta, clip):
     T = 1000
     ref = ref_schedule(ref_linear_betas(T, 1e-4, 0.02))
     fake = FakeEps(T)
-    d = make_diffusion(fake, timesteps=T, clip_denoised=clip)
+    d = make_diffusion(timesteps=T, clip_denoised=clip)
     pairs = np.array([(999, 979), (999, 0), (500, 480), (20, 0), (3, 1), (0, -1), (7, -1)])
     ts, tps = pairs[:, 0], pairs[:, 1]
     g = torch.Generator().manual_seed(5)
     x_t = torch.randn(len(ts), 3, 2, 2, generator=g)
     z = torch.randn(len(ts), 3, 2, 2, generator=g)
-    x_prev, x0_out = d.ddim_step(x_t, torch.tensor(ts), torch.tensor(tps), z, eta)
+    x_prev, x0_out = d.ddim_step(d.denoiser(fake), x_t, torch.tensor(ts), torch.tensor(tps), z, eta)
 
     col = (-1, 1, 1, 1)
     x64, z64 = x_t.double().numpy(), z.double().numpy()
@@ -98,11 +106,12 @@ def test_ddim_eta1_full_steps_has_ddpm_posterior_variance():
         def forward(self, x, t, y=None):
             return torch.zeros_like(x)
 
-    d = make_diffusion(Zero(), timesteps=T, clip_denoised=False)
+    d = make_diffusion(timesteps=T, clip_denoised=False)
     ts = torch.arange(1, T)
     x_t = torch.zeros(T - 1, 1, 1, 1)
     z = torch.ones(T - 1, 1, 1, 1)
-    out, _ = d.ddim_step(x_t, ts, ts - 1, z, 1.0)  # x_t = 0 and eps = 0: x0 = 0, so x_prev = sigma * 1
+    # x_t = 0 and eps = 0: x0 = 0, so x_prev = sigma * 1
+    out, _ = d.ddim_step(d.denoiser(Zero()), x_t, ts, ts - 1, z, 1.0)
     # the code forms 1 - a_t/a_prev in float32, where a_t/a_prev = 1 - beta_t: an absolute error of about
     # 2 ulp(1) = 2.4e-7 there, times (1 - a_prev)/(1 - a_t) < 1 in sigma^2
     assert_close64(out.flatten() ** 2, ref["posterior_variance"][1:], rtol=1e-5, atol=2.4e-7, msg="sigma^2")
@@ -135,8 +144,8 @@ def test_loss_target_per_objective(objective):
     noise = torch.randn(4, 3, 4, 4, generator=g)
     t = torch.tensor([0, 10, 500, 999])
     for what in ("eps", "x0", "v"):
-        d = make_diffusion(TargetModel(x0, noise, abar, what), timesteps=T, objective=objective)
-        loss = d.loss(x0, t=t, noise=noise)
+        d = make_diffusion(timesteps=T, objective=objective)
+        loss = d.loss(TargetModel(x0, noise, abar, what), x0, t=t, noise=noise)
         assert loss.dtype == torch.float32 and loss.ndim == 0
         if what == objective:
             assert loss.item() < 1e-12
@@ -156,9 +165,9 @@ def test_predict_converts_objective_to_eps_and_x0(objective):
     ts = np.array([0, 1, 250, 700, 999])
     a = abar[ts].reshape(-1, 1, 1, 1)
     x_t64 = np.sqrt(a) * x0.double().numpy() + np.sqrt(1 - a) * eps.double().numpy()
-    d = make_diffusion(TargetModel(x0, eps, abar, objective), timesteps=T, objective=objective,
-                       clip_denoised=False)
-    eps_out, x0_out = d.predict(torch.tensor(x_t64, dtype=torch.float32), torch.tensor(ts))
+    d = make_diffusion(timesteps=T, objective=objective, clip_denoised=False)
+    eps_out, x0_out = d.predict(TargetModel(x0, eps, abar, objective), torch.tensor(x_t64, dtype=torch.float32),
+                                torch.tensor(ts))
     # float32 x_t carries 6e-8 relative rounding, amplified up to 1/sqrt(abar_999) ~ 157 in x0 and
     # sqrt(abar_0)/sqrt(1 - abar_0) ~ 100 in eps at the ends of the schedule
     assert_close64(x0_out, x0.double().numpy(), rtol=1e-4, atol=2e-4, msg="x0")
@@ -170,7 +179,7 @@ def test_predict_converts_objective_to_eps_and_x0(objective):
 @pytest.mark.parametrize("w", [0.0, 1.0, 3.0, -0.5])
 def test_classifier_free_guidance(w):
     model = tiny_unet(seed=1, num_classes=4)
-    d = make_diffusion(model, timesteps=100, clip_denoised=False)
+    d = make_diffusion(timesteps=100, clip_denoised=False)
     g = torch.Generator().manual_seed(8)
     x = torch.randn(3, 3, 16, 16, generator=g)
     t = torch.tensor([5, 50, 99])
@@ -178,7 +187,7 @@ def test_classifier_free_guidance(w):
     with torch.no_grad():
         eps_c = model(x, t, y).double()
         eps_u = model(x, t, None).double()
-        eps, x0 = d.predict(x, t, y, guidance_scale=w)
+        eps, x0 = d.predict(model, x, t, y, guidance_scale=w)
     assert (eps_c - eps_u).abs().max() > 1e-3  # the labels matter, so the check below is not trivial
     expected = eps_u + w * (eps_c - eps_u)
     assert torch.allclose(eps.double(), expected, rtol=1e-4, atol=1e-5)
@@ -198,7 +207,7 @@ def test_distribution_of_t():
     # t ~ U{0..T-1}: with T = 10, each count is Binomial(n, 1/T), within 5 standard errors of n/T
     n, T = 20_000, 10
     torch.manual_seed(9)
-    make_diffusion(Recorder(), timesteps=T).loss(torch.zeros(n, 1, 1, 1))
+    make_diffusion(timesteps=T).loss(Recorder(), torch.zeros(n, 1, 1, 1))
     assert seen["t"].dtype == torch.long
     counts = torch.bincount(seen["t"], minlength=T)
     assert len(counts) == T  # nothing at T or above
@@ -209,9 +218,13 @@ def test_distribution_of_t():
 
 def test_ddim_timesteps():
     d = make_diffusion(timesteps=1000)
-    assert d.ddim_timesteps(1000) == list(range(999, -1, -1))
+
+    def ddim(steps):
+        return sampler_timesteps(d, SampleConfig(sampler="ddim", steps=steps))
+    assert ddim(1000) == list(range(999, -1, -1))
+    assert sampler_timesteps(d, SampleConfig(sampler="ddpm", steps=3)) == list(range(999, -1, -1))
     for steps in (1, 2, 7, 50, 100, 999):
-        ts = d.ddim_timesteps(steps)
+        ts = ddim(steps)
         assert len(ts) == steps
         assert ts[0] == 999           # sampling starts from x_T ~ N(0, I), which is the last index
         assert all(a > b for a, b in zip(ts, ts[1:]))
@@ -222,18 +235,17 @@ def test_ddim_timesteps():
             assert gaps.max() - gaps.min() <= 1, steps  # evenly spaced up to rounding
     for bad in (0, 1001):
         with pytest.raises(ValueError):
-            d.ddim_timesteps(bad)
+            ddim(bad)
 
 
 def test_ddim_eta1_all_steps_equals_ddpm_fixed_small():
     T = 50
     model = tiny_unet(seed=2)
     kw = dict(timesteps=T, beta_start=1e-3, beta_end=0.1, variance="fixed_small", clip_denoised=False)
-    d = make_diffusion(model, **kw)
+    d = make_diffusion(**kw)
     shape = (2, 3, 16, 16)
-    x_ddpm, tr_ddpm = d.p_sample_loop(shape, generator=torch.Generator().manual_seed(10), record=range(T))
-    x_ddim, tr_ddim = d.ddim_sample(shape, steps=T, eta=1.0, generator=torch.Generator().manual_seed(10),
-                                    record=range(T))
+    x_ddpm, tr_ddpm = ddpm_and_ddim_with_seed(d, model, shape, 10, sampler="ddpm")
+    x_ddim, tr_ddim = ddpm_and_ddim_with_seed(d, model, shape, 10, sampler="ddim", steps=T, eta=1.0)
     assert tr_ddpm["t"] == tr_ddim["t"] == list(range(T - 1, -1, -1))
     # the model's predictions are not trivial (the zero-initialised output layer was re-initialised)
     assert max(x.abs().max().item() for x in tr_ddpm["x0"]) > 0
@@ -247,25 +259,24 @@ def test_ddim_eta1_all_steps_equals_ddpm_fixed_small():
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (key, tr_ddpm["t"][k], (a - b).abs().max())
     assert torch.allclose(x_ddpm, x_ddim, rtol=1e-4, atol=1e-4), (x_ddpm - x_ddim).abs().max()
     # and the noise matters: another seed or the other DDPM variance gives a clearly different sample
-    x_other = d.ddim_sample(shape, steps=T, eta=1.0, generator=torch.Generator().manual_seed(11))
+    x_other, _ = ddpm_and_ddim_with_seed(d, model, shape, 11, sampler="ddim", steps=T, eta=1.0)
     assert (x_other - x_ddim).abs().max() > 0.1
     kw["variance"] = "fixed_large"
-    x_large = make_diffusion(model, **kw).p_sample_loop(shape, generator=torch.Generator().manual_seed(10))
+    x_large, _ = ddpm_and_ddim_with_seed(make_diffusion(**kw), model, shape, 10, sampler="ddpm")
     assert (x_large - x_ddpm).abs().max() > 1e-3
 
 
 def test_ddim_eta0_is_deterministic_given_x_T():
     model = tiny_unet(seed=3)
-    d = make_diffusion(model, timesteps=50, beta_start=1e-3, beta_end=0.1, clip_denoised=False)
-    shape = (2, 3, 16, 16)
-    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(12))
-    a = d.ddim_sample(shape, steps=10, eta=0.0, noise=x_T, generator=torch.Generator().manual_seed(1))
-    b = d.ddim_sample(shape, steps=10, eta=0.0, noise=x_T, generator=torch.Generator().manual_seed(2))
+    d = make_diffusion(timesteps=50, beta_start=1e-3, beta_end=0.1, clip_denoised=False)
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(12))
+    a = run_sampler(d, model, x_T, steps=10, seed=1)
+    b = run_sampler(d, model, x_T, steps=10, seed=2)
     assert torch.equal(a, b)
     assert (a - x_T).abs().max() > 1e-2  # it did move
     # with eta > 0 the generator does matter (so the equality above is a property of eta=0)
-    c = d.ddim_sample(shape, steps=10, eta=0.5, noise=x_T, generator=torch.Generator().manual_seed(1))
-    e = d.ddim_sample(shape, steps=10, eta=0.5, noise=x_T, generator=torch.Generator().manual_seed(2))
+    c = run_sampler(d, model, x_T, steps=10, eta=0.5, seed=1)
+    e = run_sampler(d, model, x_T, steps=10, eta=0.5, seed=2)
     assert (c - e).abs().max() > 1e-2
 
 
@@ -280,7 +291,7 @@ def test_exact_model_recovers_x0_star(schedule, clip):
     x0_star = (torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(13)) * 1.8 - 0.9)
     model = ExactEps(x0_star, abar)
     kw = dict(timesteps=T, beta_start=1e-3, beta_end=0.1) if schedule == "linear" else dict(timesteps=T)
-    d = make_diffusion(model, beta_schedule=schedule, variance="fixed_small", clip_denoised=clip, **kw)
+    d = make_diffusion(beta_schedule=schedule, variance="fixed_small", clip_denoised=clip, **kw)
     shape = (3, 3, 8, 8)
     target = x0_star.expand(shape)
     for scale in (1.0, 4.0):
@@ -290,11 +301,11 @@ def test_exact_model_recovers_x0_star(schedule, clip):
         # where the cosine schedule has abar = 2e-6 (1/sqrt(abar) = 730), the linear one abar = 0.08
         x0_tol = 1e-5 + 4 * 2.0 ** -24 * x_T.abs().max().item() / math.sqrt(abar[-1])
         for steps in (1, 5, T):
-            x, tr = d.ddim_sample(shape, steps=steps, eta=0.0, noise=x_T, record=range(T))
+            x, tr = run_sampler(d, model, x_T, steps=steps, record=range(T))
             # one step is the x0 prediction at T-1; after more steps the last prediction is at a small t
             assert (x - target).abs().max().item() < (x0_tol if steps == 1 else 1e-4), (steps, scale)
             assert tr["t"][0] == T - 1
             for t, x0 in zip(tr["t"], tr["x0"]):  # every intermediate x0 prediction is x0* as well
                 assert (x0 - target).abs().max().item() < x0_tol, (steps, t)
-        x = d.p_sample_loop(shape, generator=torch.Generator().manual_seed(15), noise=x_T)
+        x = run_sampler(d, model, x_T, sampler="ddpm", seed=15)
         assert (x - target).abs().max().item() < 1e-4

@@ -21,7 +21,6 @@ from diffusion import GaussianDiffusion
 
 def run_train(tmp_path, monkeypatch, *extra, name="t"):
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
     train.main(["--config", CONFIG, "--name", name, *TINY, *extra])
     return tmp_path / "checkpoints" / name, tmp_path / "results" / name
 
@@ -167,7 +166,6 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_last_pt(tmp_path):
 
 def make_trainer(*overrides):
     cfg = load_config(CONFIG, [*TINY, *overrides])
-    torch.set_num_threads(1)
     return train.Trainer(cfg, torch.device("cpu"), 0, 1, build_dataset(cfg.data), print)
 
 

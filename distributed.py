@@ -1,0 +1,39 @@
+"""Several processes under torchrun: joining the process group, and waiting for each other.
+
+    rank, world, device = setup_distributed("auto")   # (0, 1, device) without torchrun
+
+One process per GPU (NCCL), or per CPU slot (gloo). The scripts that can run under torchrun (train.py,
+sample.py, evaluate.py) call this first and destroy the group when they end.
+"""
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from utils import resolve_device
+
+
+def setup_distributed(device_arg: str):
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) join the group: NCCL on GPUs, gloo on CPUs."""
+    device = resolve_device(device_arg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("RANK") == "0":
+        # seen with torch 2.14: restarted workers read the dead ones' addresses from the shared store (pytorch#135712)
+        print("warning: with --max-restarts, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun, or a "
+              "restarted job may fail to reconnect (see the README)")
+    # the timeout turns a stuck peer into an error instead of a hang; it must outlast a rank-0 checkpoint
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    return dist.get_rank(), world, device
+
+
+def wait_for_all(world: int) -> None:
+    """A barrier: every rank waits here until all have arrived (for rank 0's files, say, or before teardown)."""
+    if world > 1:
+        dist.barrier()

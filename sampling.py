@@ -1,0 +1,178 @@
+"""Making images with a trained model: batches with reproducible noise, and folders of PNGs.
+
+    images = generate(model, diffusion, 16, cfg.sample, generator, device)          # one batch in [-1, 1]
+    sample_to_folder(model, diffusion, "results/x/fid50k", 50_000, cfg.sample, device)  # resumable
+
+The sampler settings travel as one object, the config's `sample` section (config.SampleConfig): the
+sampler, its steps and eta, the seed, the batch size, the guidance scale and the precision.
+
+Reproducibility: the images of a batch come from a generator seeded by (seed, first index, batch size),
+with batches aligned on multiples of the batch size. So the same seed, checkpoint and device give the
+same images, and a folder that was interrupted and filled again ends with exactly the files of one
+uninterrupted run (with the same batch size).
+"""
+import dataclasses
+import os
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+
+from samplers import sample_loop
+from utils import UserError, autocast_dtype, to_uint8
+
+FILE_NAME = re.compile(r"\d{7,}\.png")  # 0000000.png, 0000001.png, ... as written by sample_to_folder
+
+
+def generate(model, diffusion, n, s, generator, device, cond=None, record=()):
+    """One batch of n images in [-1, 1] (float32 on `device`) with the sampler settings `s`.
+
+    cond: (n,) labels for a class-conditional model (None: the null label); s.guidance_scale w != 1 turns
+    on classifier-free guidance. x_T is the first draw from `generator`. `record`: timestep indices to
+    keep; then returns (x, trajectory) as samplers.sample_loop does. This is the one place the samplers
+    run under autocast: bf16 on GPUs that support it with precision 'auto', plain fp32 on the CPU."""
+    device = torch.device(device)
+    shape = (n, model.image_channels, model.image_size, model.image_size)
+    x_T = torch.randn(shape, generator=generator, device=device)
+    denoise = diffusion.denoiser(model, cond, s.guidance_scale)
+    dtype = autocast_dtype(s.precision, device)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        out = sample_loop(diffusion, denoise, x_T, s, generator, record=record)
+    # the samplers clip x_0 when diffusion.clip_denoised; without it the last step may overshoot a little
+    return (out[0].clamp(-1, 1), out[1]) if record else out.clamp(-1, 1)
+
+
+def batch_generator(seed: int, start: int, size: int, device) -> torch.Generator:
+    """The generator for the batch of `size` images starting at index `start`.
+
+    SeedSequence mixes the three numbers, so different batches get unrelated streams (with seed + start,
+    a batch would share noise with the one after it), and a batch cut short by n does not share its noise
+    with the full batch that a later, larger run draws from the same start."""
+    state = np.random.SeedSequence([seed % 2 ** 64, start, size]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(state))
+
+
+def cycle(labels, n: int):
+    """Labels (a list or a 1-D tensor) repeated over n images, as a long tensor; None stays None."""
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    return labels[torch.arange(n) % len(labels)]
+
+
+def sample_batches(model, diffusion, n, s, device, starts=None, labels=None):
+    """Yield (start, images) for the batches of s.batch_size that begin at `starts` (default: all of the n
+    images); labels, when given, are the n images' labels."""
+    for start in range(0, n, s.batch_size) if starts is None else starts:
+        size = min(s.batch_size, n - start)
+        cond = None if labels is None else labels[start:start + size].to(device)
+        yield start, generate(model, diffusion, size, s, batch_generator(s.seed, start, size, device), device, cond)
+
+
+def existing_images(folder: str) -> set[int]:
+    return {int(name[:-4]) for name in os.listdir(folder) if FILE_NAME.fullmatch(name)}
+
+
+def save_png(image: torch.Tensor, path: str) -> None:
+    """Save one uint8 C x H x W image. It is written under a temporary name and renamed, so a killed run
+    never leaves a truncated PNG that the next run would count as done. (No fsync, unlike
+    utils.atomic_write: that would cost more than the sampling for tens of thousands of small files.)"""
+    array = image.permute(1, 2, 0).numpy()
+    tmp = path + ".tmp"
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def sample_to_folder(model, diffusion, folder, n, s, device, class_labels=None) -> int:
+    """Make `folder` hold images 0000000.png .. (n-1).png, generating only the ones not there yet.
+
+    Images that exist are never overwritten. Image i comes from the batch that starts at the multiple of
+    s.batch_size below i, with its own generator (see batch_generator), so a resumed run writes the same
+    files as an uninterrupted one. class_labels: None (the null label on a conditional model), or labels
+    cycled over the n images (a 1-D tensor of length n, or a list). Returns the number of images in the
+    folder afterwards."""
+    from tqdm import tqdm
+    os.makedirs(folder, exist_ok=True)
+    done = existing_images(folder)
+    missing = [i for i in range(n) if i not in done]
+    starts = sorted({i - i % s.batch_size for i in missing})
+    batches = sample_batches(model, diffusion, n, s, device, starts, cycle(class_labels, n))
+    with tqdm(total=len(missing), unit="img", desc="sampling") as bar:
+        for start, x in batches:
+            for j, image in enumerate(to_uint8(x)):
+                if start + j not in done:
+                    save_png(image, os.path.join(folder, f"{start + j:07d}.png"))
+                    bar.update(1)
+    return len(existing_images(folder))
+
+
+# ---- what the command lines share -----------------------------------------------------------------------
+
+SAMPLER_FLAGS = ("sampler", "steps", "eta", "seed", "batch_size", "guidance_scale")
+
+
+def add_sampler_flags(p) -> None:
+    """The sampling flags of sample.py and evaluate.py; each is shorthand for a sample.<field> override
+    and defaults to the checkpoint's value."""
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], help="sample.sampler")
+    p.add_argument("--steps", type=int, help="DDIM steps, 1..T (sample.steps); DDPM always takes all T")
+    p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 like DDPM (sample.eta)")
+    p.add_argument("--seed", type=int, help="sample.seed")
+    p.add_argument("--batch-size", type=int, help="images per sampler run (sample.batch_size)")
+    p.add_argument("--guidance-scale", type=float,
+                   help="classifier-free guidance weight w, 1 = plain conditional (sample.guidance_scale)")
+
+
+def sampler_overrides(args) -> list[str]:
+    """The sampling flags given on the command line, as sample.<field>=value overrides."""
+    return [f"sample.{k}={getattr(args, k)}" for k in SAMPLER_FLAGS if getattr(args, k) is not None]
+
+
+def class_labels(spec, num_classes, n):
+    """(labels, n, nrow) for --class-label. labels are cycled over the images (None: unconditional);
+    'all' makes n a multiple of the number of classes, so that each grid row (nrow images) is one class."""
+    if num_classes is None:
+        if spec is not None:
+            raise UserError("--class-label needs a class-conditional checkpoint; this one was trained without "
+                            "labels (model.num_classes is null)")
+        return None, n, None
+    if spec == "all":
+        per_class = max(1, n // num_classes)
+        return torch.arange(num_classes).repeat_interleave(per_class), per_class * num_classes, per_class
+    if spec is None:
+        return list(range(num_classes)), n, None
+    try:
+        labels = [int(k) for k in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--class-label must be 'all', a class index or a comma list of them, got '{spec}'") from None
+    for k in labels:
+        if not 0 <= k < num_classes:
+            raise UserError(f"--class-label {k} is out of range; this checkpoint has {num_classes} classes "
+                            f"(0..{num_classes - 1})")
+    return labels, n, None
+
+
+def prepare_model(model, diffusion, cfg, device, n, labels):
+    """The network to sample with. On CUDA: TF32, channels-last and, when train.compile is 'auto' or true,
+    torch.compile, compiled now at the first batch's shape (n images, labels cycled); the eager network
+    if compiling fails."""
+    if device.type != "cuda":
+        return model
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile is False:
+        return model
+    cond = None if labels is None else cycle(labels, n).to(device)
+    print("compiling the model (train.compile=false skips this)")
+    compiled = torch.compile(model)
+    try:  # compile now, with one DDIM step at the first batch's shape, so a failure is caught here
+        one_step = dataclasses.replace(cfg.sample, sampler="ddim", steps=1, eta=0.0)
+        generate(compiled, diffusion, n, one_step, None, device, cond)
+    except Exception as e:
+        print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:150]}); "
+              "sampling without it")
+        return model
+    return compiled
+
+

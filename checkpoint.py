@@ -4,14 +4,18 @@
      "model": state_dict, "ema": state_dict, "optimizer", "scheduler", "scaler": state_dicts,
      "rng": {...}, "data": {"epoch", "batch"}, "log": {"step": [...], "loss": [...], ...}}
 """
+import contextlib
 import os
+import random
+import shutil
 
+import numpy as np
 import torch
 
 from config import config_from_dict
 from diffusion import GaussianDiffusion
 from model import UNet
-from utils import UserError, atomic_write
+from utils import UserError, atomic_write, first_line
 
 FORMAT = "ddpm-checkpoint-v1"
 
@@ -21,6 +25,43 @@ def save_checkpoint(state: dict, path: str) -> None:
     atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
+def save_run_checkpoint(state: dict, ckpt_dir: str, step: int, keep_last: int) -> None:
+    """A training run's save: last.pt atomically, a hard link of it as step_XXXXXXX.pt (last.pt is later
+    replaced by a new file, so the link keeps this version), and only the newest keep_last step files."""
+    last = os.path.join(ckpt_dir, "last.pt")
+    save_checkpoint(state, last)
+    step_file = os.path.join(ckpt_dir, f"step_{step:07d}.pt")
+    tmp = step_file + ".tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+    try:
+        os.link(last, tmp)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(last, tmp)
+    os.replace(tmp, step_file)
+    steps = sorted(f for f in os.listdir(ckpt_dir) if f.startswith("step_") and f.endswith(".pt"))
+    for old in steps[:max(0, len(steps) - keep_last)]:
+        os.remove(os.path.join(ckpt_dir, old))
+
+
+def rng_state(device) -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # as plain lists: checkpoints hold no numpy
+    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Read one of our checkpoints as data (weights_only=True); anything else is a one-line UserError."""
     if not os.path.isfile(path):
@@ -28,8 +69,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot read checkpoint '{path}' ({first[:200]}); it is damaged or not a "
+        raise UserError(f"cannot read checkpoint '{path}' ({first_line(e)}); it is damaged or not a "
                         "PyTorch checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"'{path}' is not a checkpoint of this toolkit (no '{FORMAT}' marker)")

@@ -6,6 +6,7 @@ Values of overrides are parsed as YAML scalars or lists (`model.channel_mults=[1
 An unknown key or a value of the wrong type raises ConfigError (a UserError: one line, exit code 2).
 """
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -14,7 +15,7 @@ from typing import Literal
 
 import yaml
 
-from utils import UserError
+from utils import UserError, first_line
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "cifar10.yaml")
 
@@ -211,8 +212,7 @@ def validate(cfg: Config) -> Config:
     for key in ("batch_size", "grad_accum", "log_every", "save_every", "sample_every", "sample_n",
                 "max_nonfinite", "fid_samples"):
         _check(getattr(t, key) >= 1, f"train.{key} must be at least 1, got {getattr(t, key)}")
-    _check(t.batch_size % t.grad_accum == 0,
-           f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
+    check_batch_split(t)
     _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
     _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
@@ -225,6 +225,34 @@ def validate(cfg: Config) -> Config:
            f"sample.guidance_scale={s.guidance_scale} (--guidance-scale) needs a class-conditional model; this one "
            "has model.num_classes null (trained without labels)")
     return cfg
+
+
+def check_batch_split(train: TrainConfig, world: int = 1) -> None:
+    """train.batch_size is the global batch: it must split evenly over the processes and micro-batches."""
+    _check(train.batch_size % (world * train.grad_accum) == 0,
+           f"train.batch_size={train.batch_size} must be divisible by processes x train.grad_accum = "
+           f"{world} x {train.grad_accum}; change train.batch_size or train.grad_accum")
+
+
+def resolved(cfg: Config, *, name: str, num_classes: int | None) -> Config:
+    """A copy of cfg with the values known only at run time filled in, once: the run name and
+    model.num_classes (the data set's count where the config says 'auto'). Nothing changes it afterwards."""
+    return dataclasses.replace(cfg, name=name, model=dataclasses.replace(cfg.model, num_classes=num_classes))
+
+
+def schedule_warning(d: DiffusionConfig) -> str | None:
+    """A warning when the schedule leaves x_T far from pure noise: sqrt(alpha-bar_T) above 0.05, as the linear
+    betas meant for T = 1000 do with a small T (T = 50 keeps x_T = 0.77 x_0 + noise)."""
+    if d.beta_schedule != "linear":
+        return None
+    signal = math.sqrt(math.prod(1 - (d.beta_start + (d.beta_end - d.beta_start) * i / (d.timesteps - 1))
+                                 for i in range(d.timesteps)))
+    if signal <= 0.05:
+        return None
+    scaled = min(0.999, d.beta_end * 1000 / d.timesteps)
+    return (f"warning: with diffusion.timesteps={d.timesteps} the linear betas ({d.beta_start:g}..{d.beta_end:g}) "
+            f"leave x_T = {signal:.2f} x_0 + noise, so sampling from pure noise starts off the training data; "
+            f"use diffusion.beta_schedule=cosine or diffusion.beta_end={scaled:.3g}")
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -267,7 +295,7 @@ def load_config(path: str | None = None, overrides=()) -> Config:
         with open(path) as f:
             d = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file '{path}' is not valid YAML: {first_line(e)}") from None
     if isinstance(d, dict) and "name" not in d:
         d["name"] = os.path.splitext(os.path.basename(path))[0]
     return config_from_dict(d, overrides)

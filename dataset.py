@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from config import DataConfig, load_config
-from utils import ArgumentParser, UserError, atomic_write, cli, save_grid
+from utils import ArgumentParser, UserError, atomic_write, cli, first_line, save_grid
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHAPES = ["circle", "square", "triangle"]
@@ -108,7 +108,7 @@ def _torchvision_dataset(cfg: DataConfig) -> ImageDataset:
     try:  # download=True only downloads what is missing, so it also works offline once the files are there
         ds = getattr(torchvision.datasets, class_name)(root=cfg.root, train=True, download=True)
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120].rstrip(":")
+        reason = first_line(e, 120).rstrip(":")
         raise UserError(f"{title} not found in {cfg.root}/ and could not be downloaded ({reason}; no network?): "
                         f"{where.format(root=cfg.root)} or use data.dataset=folder") from None
     images = torch.as_tensor(ds.data)  # cifar10: numpy N x 32 x 32 x 3; (fashion_)mnist: tensor N x 28 x 28
@@ -299,9 +299,6 @@ class Batches:
 
     def __init__(self, dataset: ImageDataset, batch_size: int, *, seed: int, device, hflip: bool,
                  preload: bool, num_workers: int = 0, rank: int = 0, world_size: int = 1):
-        if batch_size % world_size:
-            raise UserError(f"train.batch_size={batch_size} must be divisible by the number of processes "
-                            f"({world_size}); change train.batch_size")
         if len(dataset) < batch_size:
             raise UserError(f"the data set has {len(dataset)} images, fewer than train.batch_size={batch_size}; "
                             "lower train.batch_size or use more images")

@@ -15,7 +15,6 @@ Features come from the Inception-v3 of the TF FID code with its standard weights
 they are never downloaded here (see metrics.inception_weights for where they go).
 """
 import datetime
-import json
 import os
 
 import torch
@@ -25,6 +24,8 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from config import DataConfig
 from dataset import ImageDataset, build_dataset
 from metrics import (
+    REF_CACHE,
+    append_record,
     extract_features,
     feature_stats,
     frechet_distance,
@@ -32,28 +33,21 @@ from metrics import (
     inception_score,
     kernel_inception_distance,
     load_inception,
+    read_records,
     reference_stats,
 )
 from sampling import (
     add_sampler_flags,
     class_labels,
-    cycle,
     existing_images,
     prepare_model,
-    sample_batches,
     sample_to_folder,
     sampler_overrides,
 )
-from utils import ArgumentParser, UserError, atomic_write, check_writable, cli, resolve_device, to_uint8
+from utils import ArgumentParser, UserError, check_writable, cli, resolve_device
 
-REF_CACHE = os.path.join("results", "fid_refs")
 INCEPTION_BATCH = 500  # images per Inception batch when no checkpoint gives sample.batch_size
 REFS = {"cifar10-train": "cifar10", "mnist-train": "mnist", "fashion_mnist-train": "fashion_mnist"}
-
-
-def load_extractor(weights, device):
-    """The feature extractor of every score here (tests swap in a small one)."""
-    return load_inception(weights, device)
 
 
 # ---- scores -----------------------------------------------------------------------------------------------
@@ -66,30 +60,6 @@ def scores(features, logits, ref) -> dict:
     kid_mean, kid_std = kernel_inception_distance(features, ref["features"])
     is_mean, is_std = inception_score(logits) if logits is not None else (None, None)
     return {"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "is_mean": is_mean, "is_std": is_std}
-
-
-def fid_of(model, diffusion, cfg, n, device, extractor=None, cache_dir=REF_CACHE) -> float:
-    """FID of n samples (made in memory with cfg.sample's settings) against the cached statistics of
-    cfg.data: the hook for train.fid_every.
-
-    The seed is fixed, so successive calls during training see the same noise, which makes the curve
-    smoother. Pass `extractor` (load_extractor(None, device)) to avoid reloading the Inception each time.
-    The model is put in eval mode for sampling and given back in the mode it was in."""
-    if n < 2:
-        raise UserError(f"FID needs at least 2 samples, got n={n}")
-    extractor = load_extractor(None, device) if extractor is None else extractor
-    ref = reference_stats(cfg.data, extractor, cache_dir, batch_size=cfg.sample.batch_size)
-    num_classes = model.num_classes
-    labels = cycle(list(range(num_classes)), n) if num_classes else None  # conditional: every class equally
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        batches = sample_batches(model, diffusion, n, cfg.sample, device, labels=labels)
-        features, _ = extract_features(extractor, (to_uint8(x) for _, x in batches), n, desc="FID samples")
-    finally:
-        for m, training in modes:
-            m.training = training
-    return frechet_distance(*feature_stats(features), ref["mu"], ref["sigma"])
 
 
 # ---- the images ---------------------------------------------------------------------------------------------
@@ -169,29 +139,6 @@ def reference_data(args, cfg, size: int, channels: int):
     return cfg.data, name
 
 
-# ---- the record ---------------------------------------------------------------------------------------------
-
-
-def read_records(path: str) -> list:
-    """The records already in the JSON file (a list), or [] when there is none."""
-    if not os.path.isfile(path):
-        return []
-    try:
-        with open(path) as f:
-            records = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read '{path}' ({e}); move it away or choose another --out") from None
-    if not isinstance(records, list):
-        raise UserError(f"'{path}' is not a list of metric records; move it away or choose another --out")
-    return records
-
-
-def append_record(path: str, record: dict) -> None:
-    """Append to the list in `path`, written atomically (a crash leaves the previous list intact)."""
-    records = read_records(path) + [record]
-    atomic_write(path, lambda f: f.write((json.dumps(records, indent=2) + "\n").encode()))
-
-
 # ---- command line -------------------------------------------------------------------------------------------
 
 
@@ -221,10 +168,12 @@ def parse_args(argv=None):
 
 
 @cli
-def main(argv=None):
+def main(argv=None, extractor=None):
+    """extractor: the feature network the scores use (default: the Inception, from --inception-weights or the
+    torch hub cache; loaded first, so that a missing weights file fails before any sampling)."""
     args = parse_args(argv)
     device = resolve_device(args.device)
-    extractor = load_extractor(args.inception_weights, device)  # before sampling: a missing file fails now
+    extractor = extractor or load_inception(args.inception_weights, device)
     if args.ckpt:  # everything that can fail is checked, and the reference statistics made, before sampling
         cfg, model, diffusion, step, labels, n, folder = load_for_sampling(args, device)
         size, channels = cfg.data.image_size, cfg.data.channels

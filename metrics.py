@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from dataset import build_dataset, folder_signature
-from utils import UserError, atomic_write
+from sampling import cycle, sample_batches
+from utils import UserError, atomic_write, first_line, to_uint8
 
 # torch-fidelity downloads the weights under the first name, pytorch-fid under the second; the -6726825d
 # suffix is the start of the file's SHA-256 (torch.hub's convention): the two are the same file
@@ -31,6 +32,7 @@ WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.
                "weights-inception-2015-12-05-6726825d.pth")
 WEIGHTS_SHA256 = "6726825d"
 KID_REF_ROWS = 10_000  # reference feature rows kept in the cache for KID (float32: 80 MB at D = 2048)
+REF_CACHE = os.path.join("results", "fid_refs")  # cached reference statistics
 
 # ---- the metrics ------------------------------------------------------------------------------------------
 
@@ -170,8 +172,7 @@ class InceptionExtractor:
             net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                               feature_extractor_weights_path=weights)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise UserError(f"cannot load the Inception weights '{weights}' ({first})") from None
+            raise UserError(f"cannot load the Inception weights '{weights}' ({first_line(e)})") from None
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
 
@@ -274,3 +275,50 @@ def reference_stats(data, extractor, cache_dir: str, batch_size: int = 500) -> d
     except OSError as e:
         print(f"reference statistics: computed from {len(features)} images; not cached ({e.strerror or e})")
     return stats
+
+
+# ---- FID during training, and the records of metrics.json ------------------------------------------------
+
+def fid_of(model, diffusion, cfg, n, device, extractor, cache_dir=REF_CACHE) -> float:
+    """FID of n samples (made in memory with cfg.sample's settings) against the cached statistics of
+    cfg.data: the hook for train.fid_every.
+
+    The seed is fixed, so successive calls during training see the same noise, which makes the curve
+    smoother. `extractor` is a feature extractor as described at the top (the Inception: load_inception).
+    The model is put in eval mode for sampling and given back in the mode it was in."""
+    if n < 2:
+        raise UserError(f"FID needs at least 2 samples, got n={n}")
+    ref = reference_stats(cfg.data, extractor, cache_dir, batch_size=cfg.sample.batch_size)
+    num_classes = model.num_classes
+    labels = cycle(list(range(num_classes)), n) if num_classes else None  # conditional: every class equally
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        batches = sample_batches(model, diffusion, n, cfg.sample, device, labels=labels)
+        features, _ = extract_features(extractor, (to_uint8(x) for _, x in batches), n, desc="FID samples")
+    finally:
+        for m, training in modes:
+            m.training = training
+    return frechet_distance(*feature_stats(features), ref["mu"], ref["sigma"])
+
+
+def read_records(path: str) -> list:
+    """The records already in the JSON file (a list), or [] when there is none."""
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read '{path}' ({e}); move it away or choose another --out") from None
+    if not isinstance(records, list):
+        raise UserError(f"'{path}' is not a list of metric records; move it away or choose another --out")
+    return records
+
+
+def append_record(path: str, record: dict) -> None:
+    """Append to the list in `path`, written atomically (a crash leaves the previous list intact)."""
+    records = read_records(path) + [record]
+    atomic_write(path, lambda f: f.write((json.dumps(records, indent=2) + "\n").encode()))
+
+

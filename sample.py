@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from diffusion import GaussianDiffusion
@@ -46,6 +45,7 @@ from utils import (
     make_grid,
     resolve_device,
     save_grid,
+    to_pil,
     to_uint8,
 )
 
@@ -86,7 +86,7 @@ def save_gif(model, diffusion, path, n, labels, s, device, frames=20) -> int:
     m = min(16, n)
     x, trajectory, _ = denoise(model, diffusion, m, labels, frames, s, device)
     grids = [make_grid(to_uint8(images)) for images in trajectory["x_t"] + [x]]
-    images = [Image.fromarray(g[:, :, 0] if g.shape[2] == 1 else g) for g in grids]
+    images = [to_pil(g) for g in grids]
     durations = [80] * (len(images) - 1) + [2000]
     atomic_write(path, lambda f: images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
                                                 duration=durations, loop=0))

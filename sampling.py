@@ -17,10 +17,9 @@ import re
 
 import numpy as np
 import torch
-from PIL import Image
 
 from samplers import sample_loop
-from utils import UserError, autocast_dtype, to_uint8
+from utils import UserError, autocast_dtype, enable_tf32, first_call_or_fallback, to_pil, to_uint8
 
 FILE_NAME = re.compile(r"\d{7,}\.png")  # 0000000.png, 0000001.png, ... as written by sample_to_folder
 
@@ -78,9 +77,8 @@ def save_png(image: torch.Tensor, path: str) -> None:
     """Save one uint8 C x H x W image. It is written under a temporary name and renamed, so a killed run
     never leaves a truncated PNG that the next run would count as done. (No fsync, unlike
     utils.atomic_write: that would cost more than the sampling for tens of thousands of small files.)"""
-    array = image.permute(1, 2, 0).numpy()
     tmp = path + ".tmp"
-    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(tmp, format="PNG")
+    to_pil(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
     os.replace(tmp, path)
 
 
@@ -159,20 +157,16 @@ def prepare_model(model, diffusion, cfg, device, n, labels):
     if compiling fails."""
     if device.type != "cuda":
         return model
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(device)
     model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile is False:
         return model
     cond = None if labels is None else cycle(labels, n).to(device)
     print("compiling the model (train.compile=false skips this)")
     compiled = torch.compile(model)
-    try:  # compile now, with one DDIM step at the first batch's shape, so a failure is caught here
-        one_step = dataclasses.replace(cfg.sample, sampler="ddim", steps=1, eta=0.0)
+    one_step = dataclasses.replace(cfg.sample, sampler="ddim", steps=1, eta=0.0)
+
+    def compile_now():  # one DDIM step at the first batch's shape, so that a failure shows here
         generate(compiled, diffusion, n, one_step, None, device, cond)
-    except Exception as e:
-        print(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:150]}); "
-              "sampling without it")
-        return model
-    return compiled
-
-
+        return compiled
+    return first_call_or_fallback(compile_now, lambda: model, print, "sampling without it")

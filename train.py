@@ -8,6 +8,10 @@ Outputs: checkpoints/<name>/last.pt (+ the newest step_*.pt), results/<name>/{co
 plots/, logs/ (TensorBoard)}. An interrupted run (Ctrl-C, SIGTERM, kill -9, a crash) continues where it
 stopped when the same command is run again.
 
+One step, in order: a batch from the data stream (dataset.Batches), the loss of the network on it
+(GaussianDiffusion.loss), backward, the clipped optimiser step, the EMA of the weights; every few steps
+the run logs, draws a grid, scores FID and writes a checkpoint (TrainingRun.loop).
+
 Reproducibility: the timesteps, noise and label dropout of step k are drawn from a generator seeded by
 (seed, k) over the whole global batch, then sliced per process and micro-batch. So a resumed run, a run
 with gradient accumulation and a run on several processes see exactly the same numbers as one plain run.
@@ -17,26 +21,33 @@ import copy
 import gc
 import math
 import os
-import random
-import signal
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from checkpoint import check_same_architecture, load_checkpoint, load_weights, save_checkpoint
-from config import config_from_dict, dump, load_config, to_dict
+from checkpoint import (
+    check_same_architecture,
+    load_checkpoint,
+    load_weights,
+    rng_state,
+    save_run_checkpoint,
+    set_rng_state,
+)
+from config import check_batch_split, config_from_dict, dump, load_config, resolved, schedule_warning, to_dict
 from dataset import Batches, build_dataset, num_classes, preload_wanted, stream_seed
 from diffusion import GaussianDiffusion
 from distributed import setup_distributed, wait_for_all
 from model import UNet
 from utils import (
     ArgumentParser,
+    StopSignal,
     UserError,
     atomic_write,
     autocast_dtype,
     cli,
+    enable_tf32,
+    first_call_or_fallback,
     make_grid,
     save_image,
     to_uint8,
@@ -54,13 +65,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def lr_factor(step: int, cfg) -> float:
+def lr_factor(step: int, train_cfg) -> float:
     """Linear warm-up over warmup_steps, then constant or cosine decay to 0 at max_steps."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    if t.lr_schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)))
+    warmup = train_cfg.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if train_cfg.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, train_cfg.max_steps - warmup)))
     return 1.0
 
 
@@ -70,81 +81,51 @@ def ema_decay(step: int, decay: float) -> float:
 
 
 def step_randomness(gen, cfg, step, shape, rank, world, device, has_labels):
-    """t, noise and the label-drop mask of step `step`, drawn over the global batch, this rank's slice."""
+    """Timesteps, noise and the label-drop mask of step `step`, drawn over the global batch; this rank's slice."""
     gen.manual_seed(stream_seed("step", cfg.train.seed, step))
     b = cfg.train.batch_size
-    t = torch.randint(0, cfg.diffusion.timesteps, (b,), generator=gen, device=device)
+    timesteps = torch.randint(0, cfg.diffusion.timesteps, (b,), generator=gen, device=device)
     noise = torch.randn((b, *shape), generator=gen, device=device)
     drop = torch.rand(b, generator=gen, device=device) < cfg.train.cond_drop_prob if has_labels else None
     sl = slice(rank * b // world, (rank + 1) * b // world)
-    return t[sl], noise[sl], drop[sl] if has_labels else None
+    return timesteps[sl], noise[sl], drop[sl] if has_labels else None
 
 
-def rng_state(device) -> dict:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()  # as plain lists: checkpoints hold no numpy
-    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
-             "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def resume_path(args, ckpt_dir: str) -> str | None:
-    """The run's last.pt for --resume auto when it exists; None to start afresh (--resume never)."""
-    last = os.path.join(ckpt_dir, "last.pt")
-    if args.resume == "auto":
-        return last if os.path.exists(last) else None
-    if os.path.exists(last):
-        raise UserError(f"{last} exists and --resume never would overwrite it; use another --name, "
-                        "or delete that folder to start over")
-    return None
-
+# ---- one optimisation step ----------------------------------------------------------------------------------
 
 class Trainer:
-    """The model, its EMA, the optimiser and the data stream, and one optimisation step."""
+    """The model, its EMA, the optimiser and the data stream of a run, and one optimisation step."""
 
-    def __init__(self, cfg, device, rank, world, dataset, log):
+    def __init__(self, cfg, device, rank, world, dataset, log=print):
         self.cfg, self.device, self.rank, self.world, self.log = cfg, device, rank, world, log
-        t = cfg.train
-        if t.deterministic:
+        tc = cfg.train
+        if tc.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with it
             torch.use_deterministic_algorithms(True)
-        torch.manual_seed(t.seed)
+        torch.manual_seed(tc.seed)
         self.model = UNet.from_config(cfg).to(device)
-        if rank == 0:
-            print(f"UNet: {self.model.num_params() / 1e6:.2f}M parameters")
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
         self.diffusion = GaussianDiffusion(cfg.diffusion).to(device)
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world > 1 else None
-        self.eager = self.ddp or self.model
-        want_compile = device.type == "cuda" if t.compile == "auto" else t.compile
-        self.net = torch.compile(self.eager) if want_compile else self.eager
-        self.compiled = want_compile
+        self.eager = self.ddp or self.model  # what backward runs through; `net` may be its compiled version
+        self.compiled = device.type == "cuda" if tc.compile == "auto" else tc.compile
+        self.net = torch.compile(self.eager) if self.compiled else self.eager
 
-        opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-        self.opt = opt_cls(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
+        opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+        self.opt = opt_cls(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                            fused=device.type == "cuda")
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
-        self.amp_dtype = autocast_dtype(t.precision, device)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, tc))
+        self.amp_dtype = autocast_dtype(tc.precision, device)
         # Always a scaler: its on-device found_inf check skips a non-finite step without a host sync.
         # Only fp16 needs real loss scaling; otherwise the scale is pinned to 1 after each update.
         self.fp16 = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if self.fp16 else 1.0)
         self.gen = torch.Generator(device)
-        self.batches = Batches(dataset, t.batch_size, seed=t.seed, device=device, hflip=cfg.data.hflip,
-                               preload=preload_wanted(cfg.data, dataset), num_workers=t.num_workers,
+        self.batches = Batches(dataset, tc.batch_size, seed=tc.seed, device=device, hflip=cfg.data.hflip,
+                               preload=preload_wanted(cfg.data, dataset), num_workers=tc.num_workers,
                                rank=rank, world_size=world)
         self.has_labels = cfg.model.num_classes is not None
         self.step = 0
@@ -171,12 +152,11 @@ class Trainer:
     def _apply_run_settings(self):
         """Only the optimiser's moments and step counts come from a checkpoint: lr, weight decay and the fused
         kernel are this run's (a CPU checkpoint resumed on a GPU, or a new train.lr)."""
-        t = self.cfg.train
+        tc = self.cfg.train
         for group in self.opt.param_groups:
-            group.update(initial_lr=t.lr, weight_decay=t.weight_decay, fused=self.device.type == "cuda")
-        self.sched.base_lrs = [t.lr] * len(self.opt.param_groups)
-        for group in self.opt.param_groups:
-            group["lr"] = t.lr * lr_factor(self.sched.last_epoch, self.cfg)
+            group.update(initial_lr=tc.lr, weight_decay=tc.weight_decay, fused=self.device.type == "cuda",
+                         lr=tc.lr * lr_factor(self.sched.last_epoch, tc))
+        self.sched.base_lrs = [tc.lr] * len(self.opt.param_groups)
 
     def train_step(self):
         """One optimiser step over the global batch; returns (loss, grad_norm) as device tensors."""
@@ -184,8 +164,8 @@ class Trainer:
         x, y = next(self.batches)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        t, noise, drop = step_randomness(self.gen, cfg, self.step, x.shape[1:], self.rank, self.world,
-                                         self.device, self.has_labels)
+        timesteps, noise, drop = step_randomness(self.gen, cfg, self.step, x.shape[1:], self.rank, self.world,
+                                                 self.device, self.has_labels)
         # dropout masks from (seed, rank, step): exact on resume on every rank, and different across ranks
         torch.manual_seed(stream_seed("dropout", cfg.train.seed, self.rank, self.step))
         y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y) if self.has_labels else None
@@ -197,25 +177,47 @@ class Trainer:
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
-                    loss = self.diffusion.loss(self.net, x[part], None if y is None else y[part], t=t[part],
-                                               noise=noise[part]) / accum
+                    loss = self.diffusion.loss(self.net, x[part], None if y is None else y[part],
+                                               timesteps[part], noise[part]) / accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
-        self.scaler.unscale_(self.opt)
-        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
-        self.scaler.step(self.opt)
-        self.scaler.update(None if self.fp16 else 1.0)
-        self.opt.zero_grad(set_to_none=True)
-        self.sched.step()
-        with torch.no_grad():
-            decay = ema_decay(self.step, cfg.train.ema_decay)
-            torch._foreach_lerp_(self.ema_params, self.params, 1 - decay)
+        grad_norm = self._optimiser_step()
+        self._update_ema()
         finite = torch.isfinite(total)
         self.bad_streak = torch.where(finite, 0, self.bad_streak + 1)
         self.bad_total += (~finite).long()
         self.step += 1
         return total, grad_norm
+
+    def _optimiser_step(self):
+        """Clip the global gradient norm, step (skipped on the device when non-finite), advance the LR."""
+        self.scaler.unscale_(self.opt)
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
+        self.scaler.step(self.opt)
+        self.scaler.update(None if self.fp16 else 1.0)
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        return grad_norm
+
+    @torch.no_grad()
+    def _update_ema(self):
+        """ema <- decay ema + (1 - decay) weights, as one fused lerp over all parameters."""
+        torch._foreach_lerp_(self.ema_params, self.params, 1 - ema_decay(self.step, self.cfg.train.ema_decay))
+
+    def train_step_with_compile_fallback(self):
+        """train_step; when torch.compile fails on it, one message, and the same step again in eager mode."""
+        if not self.compiled:
+            return self.train_step()
+        position = self.batches.state_dict()
+
+        def eager_step():
+            self.net, self.compiled = self.eager, False
+            self.opt.zero_grad(set_to_none=True)
+            self.batches.load_state_dict(position)  # the failed attempt uses up no batch
+            return self.train_step()
+        return first_call_or_fallback(self.train_step, eager_step, self.log,
+                                      "training in eager mode (set train.compile=false to skip compiling)")
 
     def release(self):
         """Drop the DDP wrapper and free it now: it holds the process group, and one freed only when the
@@ -225,208 +227,199 @@ class Trainer:
             self.eager = self.net = self.model
             gc.collect()
 
-    def first_step(self):
-        """The first step, falling back to eager mode with one message if torch.compile fails."""
-        if not self.compiled:
-            return self.train_step()
-        state = self.batches.state_dict()
-        try:
-            return self.train_step()
-        except Exception as e:  # compilers fail in many ways; none of them should end the run
-            self.log(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                     "training in eager mode (set train.compile=false to skip compiling)")
-            self.net, self.compiled = self.eager, False
-            self.opt.zero_grad(set_to_none=True)
-            self.batches.load_state_dict(state)
-            return self.train_step()
+
+# ---- the run: when to log, draw, score, save and stop --------------------------------------------------------
+
+class TrainingRun:
+    """A Trainer and what happens around its steps. Only rank 0 has a RunLog and writes files."""
+
+    def __init__(self, trainer, ckpt_dir, out_dir, runlog, stop, extractor=None):
+        self.trainer, self.cfg, self.world = trainer, trainer.cfg, trainer.world
+        self.ckpt_dir, self.out_dir, self.runlog, self.stop_signal = ckpt_dir, out_dir, runlog, stop
+        self.extractor = extractor
+        self.saved_step, self.warned = trainer.step, 0
+        self.loss_sum, self.logged_steps, self.last_log = 0, 0, time.perf_counter()
+
+    def loop(self):
+        tc, trainer = self.cfg.train, self.trainer
+        first = trainer.step
+        while trainer.step < tc.max_steps:
+            loss, grad_norm = (trainer.train_step_with_compile_fallback() if trainer.step == first
+                               else trainer.train_step())
+            self.loss_sum, self.logged_steps = self.loss_sum + loss, self.logged_steps + 1
+            agreed_signal = self.log(grad_norm) if self.due(tc.log_every) else 0
+            if self.runlog:
+                self.runlog.advance(trainer.step)
+                if self.due(tc.sample_every):
+                    self.sample_grid()
+                if tc.fid_every and trainer.step % tc.fid_every == 0:
+                    self.log_fid()
+            # one process stops at once; several stop only on the signal they agreed on at a log step
+            signum = self.stop_signal.signum if self.world == 1 else agreed_signal
+            if (self.due(tc.save_every) or signum) and trainer.step != self.saved_step:
+                self.save()
+            if signum:
+                self.stop(signum)
+        if self.runlog:
+            self.runlog.write_files()
+            print(f"done: {tc.max_steps} steps; checkpoint {self.ckpt_dir}/last.pt, outputs in {self.out_dir}/")
+        wait_for_all(self.world)
+
+    def due(self, every: int) -> bool:
+        return self.trainer.step % every == 0 or self.trainer.step == self.cfg.train.max_steps
+
+    def log(self, grad_norm) -> int:
+        """Log the mean loss since the last log step (the one host sync); stop on too many non-finite
+        steps. Returns the signal the ranks agree on (any rank's)."""
+        trainer, device = self.trainer, self.trainer.device
+        means = torch.stack([self.loss_sum / self.logged_steps, grad_norm.float()])
+        worst = torch.stack([trainer.bad_streak.float(), trainer.bad_total.float(),
+                             torch.tensor(float(self.stop_signal.signum), device=device)])
+        if self.world > 1:  # mean loss over ranks; the worst rank's counters; any rank's signal stops them all
+            dist.all_reduce(means)
+            means /= self.world
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        (loss, gnorm), (streak, bad, signum) = means.tolist(), worst.tolist()
+        now = time.perf_counter()
+        if self.runlog:
+            img_per_s = self.logged_steps * self.cfg.train.batch_size / (now - self.last_log)
+            self.runlog.scalars(trainer.step, loss, trainer.sched.get_last_lr()[0], gnorm, img_per_s)
+            if bad > self.warned:
+                self.runlog.message(f"warning: skipped {int(bad)} step(s) with a non-finite loss so far")
+                self.warned = bad
+        if streak >= self.cfg.train.max_nonfinite:
+            raise UserError(f"the loss was non-finite for {int(streak)} steps in a row (up to step {trainer.step}); "
+                            f"the last good checkpoint is {self.ckpt_dir}/last.pt (step {self.saved_step}); "
+                            "lower train.lr, use train.precision=bf16 or fp32, or check the data")
+        self.loss_sum, self.logged_steps, self.last_log = 0, 0, now
+        return int(signum)
+
+    def sample_grid(self) -> None:
+        """A grid from the EMA model with fixed noise (same seed every time), so grids are comparable."""
+        from sampling import generate
+        cfg, trainer = self.cfg, self.trainer
+        gen = torch.Generator(trainer.device).manual_seed(cfg.train.seed)
+        labels = None
+        if trainer.has_labels:
+            labels = torch.arange(cfg.train.sample_n, device=trainer.device) % cfg.model.num_classes
+        x = generate(trainer.ema, trainer.diffusion, cfg.train.sample_n, cfg.sample, gen, trainer.device, labels)
+        grid = make_grid(to_uint8(x))
+        save_image(grid, os.path.join(self.out_dir, "samples", f"step_{trainer.step:07d}.png"))
+        self.runlog.image("samples", grid, trainer.step)
+
+    def log_fid(self) -> None:
+        """FID of train.fid_samples EMA samples, to TensorBoard and results/<name>/metrics.json."""
+        from metrics import append_record, fid_of
+        cfg, step, n = self.cfg, self.trainer.step, self.cfg.train.fid_samples
+        fid = fid_of(self.trainer.ema, self.trainer.diffusion, cfg, n, self.trainer.device, self.extractor)
+        self.runlog.scalar("eval/fid", fid, step)
+        self.runlog.message(f"step {step}: FID {fid:.2f} ({n} samples)")
+        append_record(os.path.join(self.out_dir, "metrics.json"),
+                      {"step": step, "fid": fid, "n": n, "sampler": cfg.sample.sampler, "steps": cfg.sample.steps,
+                       "eta": cfg.sample.eta, "source": "train.fid_every"})
+
+    def save(self) -> None:
+        """Rank 0: last.pt, a step_XXXXXXX.pt of it, the newest train.keep_last of those kept; the plots."""
+        self.saved_step = self.trainer.step
+        if self.runlog:
+            save_run_checkpoint({**self.trainer.state_dict(), "log": self.runlog.history}, self.ckpt_dir,
+                                self.trainer.step, self.cfg.train.keep_last)
+            self.runlog.write_files()
+
+    def stop(self, signum: int):
+        if self.runlog:
+            self.runlog.message(f"stopped by signal at step {self.trainer.step}; saved {self.ckpt_dir}/last.pt; "
+                                "run the same command to resume")
+        wait_for_all(self.world)
+        raise SystemExit(128 + signum)
 
 
-def build_run(args):
-    """Config, run folders and the checkpoint to resume from (or None)."""
+# ---- setting a run up -----------------------------------------------------------------------------------------
+
+def load_run(args):
+    """(config, run name, checkpoint folder, results folder, resume path or None, loaded checkpoint or None).
+
+    Without --config, a resumed run takes the checkpoint's own config, and with --resume PATH its name."""
     cfg = load_config(args.config, args.overrides)
     given = args.resume not in ("auto", "never")
     ckpt = load_checkpoint(args.resume) if given else None
-    own_config = args.config is None  # resuming without --config: the run's own config, and so its name
+    own_config = args.config is None
     name = args.name or (ckpt["config"].get("name") if ckpt and own_config else None) or cfg.name
     ckpt_dir, out_dir = os.path.join("checkpoints", name), os.path.join("results", name)
     last = os.path.join(ckpt_dir, "last.pt")
     if given and os.path.exists(last) and not os.path.samefile(last, args.resume):
         raise UserError(f"--resume {args.resume} would write into run '{name}', whose {last} is another "
                         "checkpoint; give a new --name")
-    path = args.resume if given else resume_path(args, ckpt_dir)
+    if args.resume == "never" and os.path.exists(last):
+        raise UserError(f"{last} exists and --resume never would overwrite it; use another --name, "
+                        "or delete that folder to start over")
+    path = args.resume if given else (last if args.resume == "auto" and os.path.exists(last) else None)
     if ckpt is None and path:
         ckpt = load_checkpoint(path)
     if ckpt is not None and own_config:
         cfg = config_from_dict(ckpt["config"], args.overrides)
-    cfg.name = name
-    return cfg, ckpt_dir, out_dir, path, ckpt
+    return cfg, name, ckpt_dir, out_dir, path, ckpt
 
 
-def save(trainer, runlog, ckpt_dir) -> None:
-    """last.pt atomically, a hard link of it as step_XXXXXXX.pt, older step files pruned, plots refreshed."""
-    last = os.path.join(ckpt_dir, "last.pt")
-    save_checkpoint({**trainer.state_dict(), "log": runlog.history}, last)
-    step_file = os.path.join(ckpt_dir, f"step_{trainer.step:07d}.pt")
-    tmp = step_file + ".tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)
-    try:
-        os.link(last, tmp)  # last.pt is later replaced by a new file, so the link keeps this version
-    except OSError:
-        import shutil
-        shutil.copyfile(last, tmp)
-    os.replace(tmp, step_file)
-    steps = sorted(f for f in os.listdir(ckpt_dir) if f.startswith("step_") and f.endswith(".pt"))
-    for old in steps[:max(0, len(steps) - trainer.cfg.train.keep_last)]:
-        os.remove(os.path.join(ckpt_dir, old))
-    runlog.write_files()
-
-
-def sample_grid(trainer, runlog, out_dir) -> None:
-    """A grid from the EMA model with fixed noise (same seed every time), so grids are comparable."""
-    from sampling import generate
-    cfg = trainer.cfg
-    gen = torch.Generator(trainer.device).manual_seed(cfg.train.seed)
-    y = None
-    if trainer.has_labels:
-        y = torch.arange(cfg.train.sample_n, device=trainer.device) % cfg.model.num_classes
-    x = generate(trainer.ema, trainer.diffusion, cfg.train.sample_n, cfg.sample, gen, trainer.device, y)
-    grid = make_grid(to_uint8(x))
-    save_image(grid, os.path.join(out_dir, "samples", f"step_{trainer.step:07d}.png"))
-    runlog.image("samples", grid, trainer.step)
-
-
-def log_fid(trainer, runlog, out_dir, extractor) -> None:
-    """FID of train.fid_samples EMA samples, to TensorBoard and results/<name>/metrics.json."""
-    from evaluate import append_record, fid_of
-    cfg, step = trainer.cfg, trainer.step
-    fid = fid_of(trainer.ema, trainer.diffusion, cfg, cfg.train.fid_samples, trainer.device, extractor=extractor)
-    runlog.scalar("eval/fid", fid, step)
-    runlog.message(f"step {step}: FID {fid:.2f} ({cfg.train.fid_samples} samples)")
-    append_record(os.path.join(out_dir, "metrics.json"),
-                  {"step": step, "fid": fid, "n": cfg.train.fid_samples, "sampler": cfg.sample.sampler,
-                   "steps": cfg.sample.steps, "eta": cfg.sample.eta, "source": "train.fid_every"})
+def load_data(cfg, rank, world):
+    """The data set; rank 0 downloads or decodes and caches it first, alone, then the others read it."""
+    if rank != 0:
+        wait_for_all(world)
+    dataset = build_dataset(cfg.data)
+    if rank == 0:
+        wait_for_all(world)
+    return dataset
 
 
 @cli
-def main(argv=None):
+def main(argv=None, extractor=None):
+    """extractor: the FID feature network for train.fid_every (default: the Inception of metrics.py)."""
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.device)
     try:
-        run(args, rank, world, device)
+        run(args, rank, world, device, extractor)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def run(args, rank, world, device):
-    from runlog import RunLog
-    cfg, ckpt_dir, out_dir, path, ckpt = build_run(args)
-    t = cfg.train
-    if t.batch_size % (world * t.grad_accum):
-        raise UserError(f"train.batch_size={t.batch_size} must be divisible by processes x train.grad_accum "
-                        f"= {world} x {t.grad_accum}")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if rank != 0:
-        wait_for_all(world)  # rank 0 downloads or decodes and caches the data first, alone
-    dataset = build_dataset(cfg.data)
-    if rank == 0:
-        wait_for_all(world)
-    if cfg.model.num_classes == "auto":
-        cfg.model.num_classes = num_classes(dataset)
+def run(args, rank, world, device, extractor=None):
+    cfg, name, ckpt_dir, out_dir, path, ckpt = load_run(args)
+    check_batch_split(cfg.train, world)
+    enable_tf32(device)
+    dataset = load_data(cfg, rank, world)
+    auto = cfg.model.num_classes == "auto"
+    cfg = resolved(cfg, name=name, num_classes=num_classes(dataset) if auto else cfg.model.num_classes)
     if ckpt is not None:
         check_same_architecture(ckpt, cfg, path)
-    quiet = rank != 0
-    fid = None
-    if t.fid_every and not quiet:  # load the Inception now: a missing weights file fails before training
-        from evaluate import load_extractor
-        fid = load_extractor(None, device)
-    trainer = Trainer(cfg, device, rank, world, dataset, print)
+    if rank == 0 and (warning := schedule_warning(cfg.diffusion)):
+        print(warning)
+    if cfg.train.fid_every and rank == 0 and extractor is None:
+        from metrics import load_inception  # now: a missing weights file fails before training
+        extractor = load_inception(None, device)
+    trainer = Trainer(cfg, device, rank, world, dataset)
+    history = None
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        history = ckpt.get("log")
+    del ckpt  # the weights now live in the trainer
     runlog = None
     try:
-        if not quiet:
-            runlog = RunLog(out_dir, trainer.step, t.max_steps, ckpt.get("log") if ckpt else None)
-            trainer.log = runlog.message
-            print(dump(cfg), end="")
-            os.makedirs(ckpt_dir, exist_ok=True)
-            atomic_write(os.path.join(out_dir, "config.yaml"), lambda f: f.write(dump(cfg).encode()))
-            print(f"resuming from {path} at step {trainer.step}" if ckpt else f"starting run '{cfg.name}'")
-        del ckpt
-        train_loop(trainer, runlog, stop, cfg, ckpt_dir, out_dir, rank, world, device, fid)
+        with StopSignal() as stop:
+            if rank == 0:
+                from runlog import RunLog
+                runlog = RunLog(out_dir, trainer.step, cfg.train.max_steps, history)
+                trainer.log = runlog.message
+                print(dump(cfg), end="")
+                print(f"UNet: {trainer.model.num_params() / 1e6:.2f}M parameters")
+                os.makedirs(ckpt_dir, exist_ok=True)
+                atomic_write(os.path.join(out_dir, "config.yaml"), lambda f: f.write(dump(cfg).encode()))
+                print(f"resuming from {path} at step {trainer.step}" if path else f"starting run '{cfg.name}'")
+            TrainingRun(trainer, ckpt_dir, out_dir, runlog, stop, extractor).loop()
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         if runlog is not None:
             runlog.close()
         trainer.release()
-
-
-def train_loop(trainer, runlog, stop, cfg, ckpt_dir, out_dir, rank, world, device, fid_extractor):
-    t, quiet = cfg.train, rank != 0
-
-    loss_sum, n_logged, last_log, start = torch.zeros((), device=device), 0, time.perf_counter(), trainer.step
-    saved_step, warned, agreed_signal = trainer.step, 0, 0
-    while trainer.step < t.max_steps:
-        loss, grad_norm = trainer.first_step() if trainer.step == start else trainer.train_step()
-        loss_sum += loss
-        n_logged += 1
-        step = trainer.step
-        at_log = step % t.log_every == 0 or step == t.max_steps
-        if at_log:
-            means = torch.stack([loss_sum / n_logged, grad_norm.float()])
-            worst = torch.stack([trainer.bad_streak.float(), trainer.bad_total.float(),
-                                 torch.tensor(float(stop["signal"] or 0), device=device)])
-            if world > 1:  # mean loss over ranks; the worst rank's counters; any rank's signal stops them all
-                dist.all_reduce(means)
-                means /= world
-                dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-            (loss_avg, gnorm), (streak, bad, sig) = means.tolist(), worst.tolist()
-            agreed_signal = int(sig)
-            now = time.perf_counter()
-            if not quiet:
-                runlog.scalars(step, loss_avg, trainer.sched.get_last_lr()[0], gnorm,
-                               n_logged * t.batch_size / (now - last_log))
-                if bad > warned:
-                    runlog.message(f"warning: skipped {int(bad)} step(s) with a non-finite loss so far")
-                    warned = bad
-            if streak >= t.max_nonfinite:
-                raise UserError(f"the loss was non-finite for {int(streak)} steps in a row (up to step {step}); "
-                                f"the last good checkpoint is {ckpt_dir}/last.pt (step {saved_step}); lower train.lr, "
-                                "use train.precision=bf16 or fp32, or check the data")
-            loss_sum, n_logged, last_log = torch.zeros((), device=device), 0, now
-        if not quiet:
-            runlog.advance(step)
-            if step % t.sample_every == 0 or step == t.max_steps:
-                sample_grid(trainer, runlog, out_dir)
-            if t.fid_every and step % t.fid_every == 0:
-                log_fid(trainer, runlog, out_dir, fid_extractor)
-        # one process stops at once; several stop only on the signal they agreed on at this log step
-        signum = stop["signal"] if world == 1 else (agreed_signal if at_log else 0)
-        interrupted = bool(signum)
-        if (step % t.save_every == 0 or step == t.max_steps or interrupted) and step != saved_step:
-            if not quiet:
-                save(trainer, runlog, ckpt_dir)
-            saved_step = step
-        if interrupted:
-            if not quiet:
-                runlog.message(f"stopped by signal at step {step}; saved {ckpt_dir}/last.pt; "
-                               "run the same command to resume")
-            wait_for_all(world)
-            raise SystemExit(128 + signum)
-    if not quiet:
-        runlog.write_files()
-        print(f"done: {t.max_steps} steps; checkpoint {ckpt_dir}/last.pt, outputs in {out_dir}/")
-    wait_for_all(world)
 
 
 if __name__ == "__main__":

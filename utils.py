@@ -3,6 +3,7 @@ import argparse
 import functools
 import math
 import os
+import signal
 import sys
 import tempfile
 
@@ -25,11 +26,51 @@ def cli(main):
     return wrapper
 
 
+class StopSignal:
+    """Ctrl-C and SIGTERM set `signum`, which the loop reads between steps; a second one ends the process."""
+
+    def __enter__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one 'error: ...' line and exit code 2, like every other user error."""
 
     def error(self, message):
         raise UserError(message)
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), at most `limit` characters:
+    what a one-line error quotes of a library's multi-line one."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
+def first_call_or_fallback(call, fallback, log, what_instead: str):
+    """call() (the first call of a torch.compile'd function, where compilation happens); if it fails,
+    one message and fallback() instead: compilers fail in many ways, and none should end a run."""
+    try:
+        return call()
+    except Exception as e:
+        log(f"torch.compile failed ({type(e).__name__}: {first_line(e)}); {what_instead}")
+        return fallback()
+
+
+def enable_tf32(device: torch.device) -> None:
+    """TF32 matrix products and convolutions on CUDA: about 10 bits of mantissa, ample for training and sampling
+    (metrics.full_fp32 turns it off for the Inception features)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,10 +137,15 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, p
     return grid.permute(1, 2, 0).numpy()
 
 
+def to_pil(array):
+    """An H x W x C uint8 array (C = 1 or 3) as a PIL image (mode L or RGB)."""
+    from PIL import Image
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
 def save_image(array, path: str) -> None:
     """Save an H x W x C uint8 array (C = 1 or 3) as a PNG, atomically."""
-    from PIL import Image
-    img = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    img = to_pil(array)
     atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 

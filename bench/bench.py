@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import anchors  # noqa: E402
 from anchors import CIFAR10, QUICK_OURS, ROOT  # noqa: E402
 
-from utils import ArgumentParser, cli  # noqa: E402
+from utils import ArgumentParser, cli, enable_tf32, first_line  # noqa: E402
 
 PARTS = ("compute", "sample", "e2e", "loss")
 FIGURES = ("train_img_per_s", "train_e2e_img_per_s", "sample_ddim50_img_per_s", "fwd_gflop_per_img", "mfu",
@@ -222,7 +222,7 @@ def run_case(fn, name, setting, args, device) -> dict:
         print(f"  {name:<10} {setting:<8} {out['img_per_s']:,.0f} img/s", flush=True)
         return out
     except Exception as e:  # one case failing (say, a compiler error in an anchor) must not end the run
-        error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        error = f"{type(e).__name__}: {first_line(e)}"
         print(f"  {name:<10} {setting:<8} failed: {error}")
         return {"error": error}
 
@@ -332,11 +332,8 @@ def merge(path, record) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        gpu = torch.cuda.get_device_name(device)
-    else:
-        gpu = "cpu"
+    enable_tf32(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     date = datetime.date.today().isoformat()
     command = "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:]))
     print(f"{gpu}, torch {torch.__version__}: {', '.join(args.parts)} for {', '.join(args.impls)}", flush=True)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import torch
+import torch.nn as nn
 
 from checkpoint import save_checkpoint
 from config import DiffusionConfig, ModelConfig, load_config, to_dict
@@ -62,6 +63,28 @@ def tiny_checkpoint(path, *overrides, config=None) -> str:
     ema = {k: v + 0.02 * torch.randn(v.shape) if k == "conv_out.weight" else v for k, v in sd.items()}
     save_checkpoint({"step": 0, "config": to_dict(cfg), "model": sd, "ema": ema}, str(path))
     return str(path)
+
+
+class TinyExtractor:
+    """A fixed random conv net (seeded): 32 pooled features and 10 logits per image; counts the images."""
+
+    name = "tiny-test-net"
+
+    def __init__(self, logits=True):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten())
+            self.head = nn.Linear(32, 10)
+        self.logits, self.seen = logits, 0
+
+    @torch.no_grad()
+    def __call__(self, images):
+        assert images.dtype == torch.uint8 and images.shape[1] == 3
+        self.seen += len(images)
+        f = self.body(images.float() / 127.5 - 1)
+        return f.numpy(), (self.head(f).numpy() if self.logits else None)
 
 
 def run_script(args, cwd, env_extra=None, timeout=300, **kwargs):

@@ -1,5 +1,6 @@
 """config.py: the shipped defaults, override parsing, and the one-line ConfigError for every kind of bad input."""
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -7,7 +8,18 @@ import sys
 import pytest
 import yaml
 
-from config import DEFAULT_CONFIG, Config, ConfigError, config_from_dict, dump, load_config, parse_override, to_dict
+from config import (
+    DEFAULT_CONFIG,
+    Config,
+    ConfigError,
+    check_batch_split,
+    config_from_dict,
+    dump,
+    load_config,
+    parse_override,
+    schedule_warning,
+    to_dict,
+)
 from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,3 +248,26 @@ def test_cli_turns_config_errors_into_exit_code_2():
     assert len(lines) == 1 and lines[0].startswith("error: ") and "model.nope" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+def test_batch_split_over_processes_and_micro_batches():
+    """One rule for the global batch, at load time (1 process) and again once the number of processes is known."""
+    train = load_config(None, ["train.batch_size=12", "train.grad_accum=3"]).train
+    check_batch_split(train, world=2)  # 12 = 2 x 3 x 2
+    with pytest.raises(ConfigError, match="train.batch_size=12 .* 5 x 3"):
+        check_batch_split(train, world=5)
+
+
+@pytest.mark.parametrize("timesteps, schedule, warns", [(1000, "linear", False), (50, "linear", True),
+                                                       (50, "cosine", False), (200, "linear", True)])
+def test_schedule_warning_when_x_T_keeps_signal(timesteps, schedule, warns):
+    """sqrt(alpha-bar_T) from the betas in float64 by hand: above 0.05 the run is warned, with a fix named."""
+    d = load_config(None, [f"diffusion.timesteps={timesteps}", f"diffusion.beta_schedule={schedule}",
+                           "sample.steps=10"]).diffusion
+    warning = schedule_warning(d)
+    assert (warning is not None) == warns
+    if warns:
+        betas = [1e-4 + (0.02 - 1e-4) * i / (timesteps - 1) for i in range(timesteps)]
+        signal = math.sqrt(math.prod(1 - b for b in betas))
+        assert f"x_T = {signal:.2f} x_0" in warning and "beta_schedule=cosine" in warning
+        assert "\n" not in warning

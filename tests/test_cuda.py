@@ -39,7 +39,7 @@ def test_fast_path_compiles_and_trains_in_bf16():
     messages = []
     trainer = make_trainer(*FAST, log=messages.append)
     assert trainer.amp_dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    losses = [trainer.first_step()[0]] + [trainer.train_step()[0] for _ in range(5)]
+    losses = [trainer.train_step_with_compile_fallback()[0]] + [trainer.train_step()[0] for _ in range(5)]
     assert trainer.compiled and not messages, messages
     assert all(torch.isfinite(loss) for loss in losses)
     convs = [m.weight for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -49,7 +49,7 @@ def test_fast_path_compiles_and_trains_in_bf16():
 
 def test_bf16_gradients_are_close_to_fp32():
     fast, plain = make_trainer(*FAST), make_trainer("train.precision=fp32")
-    (loss_fast, norm_fast), (loss_plain, norm_plain) = fast.first_step(), plain.train_step()
+    (loss_fast, norm_fast), (loss_plain, norm_plain) = fast.train_step_with_compile_fallback(), plain.train_step()
     assert torch.allclose(loss_fast, loss_plain, rtol=2e-2)
     assert torch.allclose(norm_fast, norm_plain, rtol=5e-2)
 

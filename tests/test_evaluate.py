@@ -8,36 +8,13 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-import torch.nn as nn
-from helpers import ROOT, assert_one_line_error, run_script, tiny_checkpoint
+from helpers import ROOT, TinyExtractor, assert_one_line_error, run_script, tiny_checkpoint
 from PIL import Image
 
 import evaluate
 import metrics
 from checkpoint import load_checkpoint, model_from_checkpoint
 from dataset import make_shapes
-
-
-class TinyExtractor:
-    """A fixed random conv net (seeded): 32 pooled features and 10 logits per image; counts the images."""
-
-    name = "tiny-test-net"
-
-    def __init__(self, logits=True):
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            self.body = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
-                                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                      nn.Flatten())
-            self.head = nn.Linear(32, 10)
-        self.logits, self.seen = logits, 0
-
-    @torch.no_grad()
-    def __call__(self, images):
-        assert images.dtype == torch.uint8 and images.shape[1] == 3
-        self.seen += len(images)
-        f = self.body(images.float() / 127.5 - 1)
-        return f.numpy(), (self.head(f).numpy() if self.logits else None)
 
 
 def write_pngs(folder, images):
@@ -55,11 +32,6 @@ def folders(tmp_path):
     shutil.copytree(a, b)
     c = write_pngs(tmp_path / "c", make_shapes(48, 16, 3, seed=1)[0])
     return a, b, c
-
-
-def use_extractor(monkeypatch, extractor):
-    monkeypatch.setattr(evaluate, "load_extractor", lambda weights, device: extractor)
-    return extractor
 
 
 # ---- the metrics -----------------------------------------------------------------------------------------
@@ -136,14 +108,13 @@ def test_inception_score_closed_forms():
 # ---- the command -----------------------------------------------------------------------------------------
 
 
-def run(tmp_path, *args):
+def run(tmp_path, *args, extractor=None):
     return evaluate.main([*args, "--device", "cpu", "--batch-size", "16", "--ref-cache", str(tmp_path / "refs"),
-                          "--out", str(tmp_path / "metrics.json")])
+                          "--out", str(tmp_path / "metrics.json")], extractor=extractor or TinyExtractor())
 
 
-def test_identical_folders_give_zero_fid_and_append_a_record(tmp_path, folders, monkeypatch, capsys):
+def test_identical_folders_give_zero_fid_and_append_a_record(tmp_path, folders, capsys):
     a, b, c = folders
-    use_extractor(monkeypatch, TinyExtractor())
     same = run(tmp_path, "--samples-dir", a, "--ref-dir", b)
     assert abs(same["fid"]) < 1e-6 and abs(same["kid_mean"]) < 0.05
     assert same["is_mean"] > 1 and same["n"] == same["ref_n"] == 48 and same["image_size"] == 16
@@ -155,31 +126,30 @@ def test_identical_folders_give_zero_fid_and_append_a_record(tmp_path, folders, 
     assert "FID " in capsys.readouterr().out
 
 
-def test_reference_statistics_are_cached_and_reused(tmp_path, folders, monkeypatch, capsys):
+def test_reference_statistics_are_cached_and_reused(tmp_path, folders, capsys):
     a, b, _ = folders
-    first = use_extractor(monkeypatch, TinyExtractor())
-    run(tmp_path, "--samples-dir", a, "--ref-dir", b)
+    first = TinyExtractor()
+    run(tmp_path, "--samples-dir", a, "--ref-dir", b, extractor=first)
     assert first.seen == 96 and "cached in" in capsys.readouterr().out
-    second = use_extractor(monkeypatch, TinyExtractor())
-    record = run(tmp_path, "--samples-dir", a, "--ref-dir", b)
+    second = TinyExtractor()
+    record = run(tmp_path, "--samples-dir", a, "--ref-dir", b, extractor=second)
     assert second.seen == 48  # the samples only
     assert "reusing" in capsys.readouterr().out and abs(record["fid"]) < 1e-6
     os.remove(os.path.join(b, "0000047.png"))  # a changed folder is a new reference set
-    third = use_extractor(monkeypatch, TinyExtractor())
-    assert run(tmp_path, "--samples-dir", a, "--ref-dir", b)["ref_n"] == 47 and third.seen == 48 + 47
+    third = TinyExtractor()
+    assert run(tmp_path, "--samples-dir", a, "--ref-dir", b, extractor=third)["ref_n"] == 47
+    assert third.seen == 48 + 47
 
 
-def test_extractor_without_logits_gives_null_inception_score(tmp_path, folders, monkeypatch, capsys):
+def test_extractor_without_logits_gives_null_inception_score(tmp_path, folders, capsys):
     a, b, _ = folders
-    use_extractor(monkeypatch, TinyExtractor(logits=False))
-    record = run(tmp_path, "--samples-dir", a, "--ref-dir", b)
+    record = run(tmp_path, "--samples-dir", a, "--ref-dir", b, extractor=TinyExtractor(logits=False))
     assert record["is_mean"] is None and record["is_std"] is None
     assert "IS not computed" in capsys.readouterr().out
 
 
-def test_bad_arguments_are_one_line_errors(tmp_path, folders, monkeypatch, capsys):
+def test_bad_arguments_are_one_line_errors(tmp_path, folders, capsys):
     a, b, _ = folders
-    use_extractor(monkeypatch, TinyExtractor())
     for args in (["--ref-dir", b], ["--samples-dir", a], ["--samples-dir", a, "--ref-dir", b, "--n", "49"],
                  ["--samples-dir", str(tmp_path / "none"), "--ref-dir", b],
                  ["--samples-dir", a, "--ref-dir", b, "--steps", "10"]):
@@ -231,16 +201,16 @@ def test_real_extractor_loads_a_local_weights_file(tmp_path):
 def test_checkpoint_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ckpt = tiny_checkpoint(tmp_path / "last.pt")
-    extractor = use_extractor(monkeypatch, TinyExtractor())
+    extractor = TinyExtractor()
     args = ["--ckpt", ckpt, "--n", "8", "--sampler", "ddim", "--steps", "2", "--device", "cpu", "--batch-size", "4"]
-    record = evaluate.main(args)
+    record = evaluate.main(args, extractor=extractor)
     folder = tmp_path / "results" / "tiny" / "samples-step0-ddim2"
     assert sorted(os.listdir(folder)) == [f"{i:07d}.png" for i in range(8)]
     assert extractor.seen == 8 + 64  # the samples and the checkpoint's data set (64 shapes)
     assert (record["step"], record["sampler"], record["steps"], record["eta"], record["n"]) == (0, "ddim", 2, 0.0, 8)
     assert record["ref"] == "shapes-train" and record["ref_n"] == 64 and np.isfinite(record["fid"])
     stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    again = evaluate.main(args)  # the samples and the reference statistics are reused
+    again = evaluate.main(args, extractor=extractor)  # the samples and the reference statistics are reused
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
     assert again["fid"] == pytest.approx(record["fid"]) and extractor.seen == 8 + 64 + 8
     assert len(json.loads((tmp_path / "results" / "tiny" / "metrics.json").read_text())) == 2
@@ -249,21 +219,22 @@ def test_checkpoint_end_to_end(tmp_path, monkeypatch):
 def test_conditional_checkpoint_with_guidance(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ckpt = tiny_checkpoint(tmp_path / "cond.pt", "model.num_classes=3")
-    use_extractor(monkeypatch, TinyExtractor())
     record = evaluate.main(["--ckpt", ckpt, "--n", "4", "--device", "cpu", "--guidance-scale", "2",
-                            "--class-label", "1", "--sampler", "ddpm"])
+                            "--class-label", "1", "--sampler", "ddpm"], extractor=TinyExtractor())
     assert (record["guidance_scale"], record["class_label"], record["steps"], record["eta"]) == (2.0, "1", 20, None)
     assert len(os.listdir(tmp_path / "results" / "tiny" / "samples-step0-ddpm-w2-class1")) == 4
     unconditional = tiny_checkpoint(tmp_path / "uncond.pt")
     with pytest.raises(SystemExit):
-        evaluate.main(["--ckpt", unconditional, "--n", "4", "--device", "cpu", "--guidance-scale", "2"])
+        evaluate.main(["--ckpt", unconditional, "--n", "4", "--device", "cpu", "--guidance-scale", "2"],
+                      extractor=TinyExtractor())
 
 
 def test_grayscale_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ckpt = tiny_checkpoint(tmp_path / "gray.pt", "data.channels=1")
-    use_extractor(monkeypatch, TinyExtractor())  # asserts that it is given 3 channels
-    record = evaluate.main(["--ckpt", ckpt, "--n", "4", "--device", "cpu", "--samples-dir", "gray"])
+    # the extractor asserts that it is given 3 channels
+    record = evaluate.main(["--ckpt", ckpt, "--n", "4", "--device", "cpu", "--samples-dir", "gray"],
+                           extractor=TinyExtractor())
     assert record["samples_dir"] == "gray" and np.isfinite(record["fid"])
     assert Image.open(tmp_path / "gray" / "0000000.png").mode == "L"
 
@@ -273,9 +244,9 @@ def test_fid_of_for_training(tmp_path):
     model.train()
     model.res = torch.nn.Dropout().eval()  # a submodule in another mode than its parent keeps its own mode
     extractor = TinyExtractor()
-    fid = evaluate.fid_of(model, diffusion, cfg, 8, "cpu", extractor=extractor, cache_dir=str(tmp_path / "refs"))
+    fid = metrics.fid_of(model, diffusion, cfg, 8, "cpu", extractor, cache_dir=str(tmp_path / "refs"))
     assert np.isfinite(fid) and fid > 0 and model.training and not model.res.training  # the modes it was in
     assert extractor.seen == 8 + 64
-    assert evaluate.fid_of(model, diffusion, cfg, 8, "cpu", extractor=extractor,
-                           cache_dir=str(tmp_path / "refs")) == pytest.approx(fid)  # same seed, cached reference
+    assert metrics.fid_of(model, diffusion, cfg, 8, "cpu", extractor,
+                          cache_dir=str(tmp_path / "refs")) == pytest.approx(fid)  # same seed, cached reference
     assert extractor.seen == 8 + 64 + 8

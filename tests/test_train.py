@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from helpers import CONFIG, ROOT, TINY, assert_one_line_error, run_script
+from helpers import CONFIG, ROOT, TINY, TinyExtractor, assert_one_line_error, run_script
 from PIL import Image
 
 import train
@@ -195,7 +195,7 @@ def test_compile_failure_falls_back_to_eager_on_the_same_batch(monkeypatch):
     compiled = train.Trainer(cfg, torch.device("cpu"), 0, 1, build_dataset(cfg.data), messages.append)
     plain = make_trainer()
     for step in range(3):
-        loss, _ = compiled.first_step() if step == 0 else compiled.train_step()
+        loss, _ = compiled.train_step_with_compile_fallback() if step == 0 else compiled.train_step()
         assert torch.equal(loss, plain.train_step()[0])  # the failed attempt used up no batch and no step
     assert not compiled.compiled and len(messages) == 1
     assert "torch.compile failed (RuntimeError: simulated compiler failure)" in messages[0]
@@ -290,12 +290,12 @@ def test_dropout_masks_depend_on_rank_and_step_only(monkeypatch):
 
 
 def test_lr_schedule_and_ema_warmup():
-    cfg = load_config(CONFIG, ["train.warmup_steps=10", "train.max_steps=110", "train.lr_schedule=cosine"])
-    assert train.lr_factor(0, cfg) == pytest.approx(0.1) and train.lr_factor(9, cfg) == pytest.approx(1.0)
-    assert train.lr_factor(60, cfg) == pytest.approx(0.5)  # half-way through the cosine
-    assert train.lr_factor(110, cfg) == pytest.approx(0.0, abs=1e-12)
-    cfg.train.lr_schedule = "constant"
-    assert train.lr_factor(100, cfg) == 1.0
+    tc = load_config(CONFIG, ["train.warmup_steps=10", "train.max_steps=110", "train.lr_schedule=cosine"]).train
+    assert train.lr_factor(0, tc) == pytest.approx(0.1) and train.lr_factor(9, tc) == pytest.approx(1.0)
+    assert train.lr_factor(60, tc) == pytest.approx(0.5)  # half-way through the cosine
+    assert train.lr_factor(110, tc) == pytest.approx(0.0, abs=1e-12)
+    tc.lr_schedule = "constant"
+    assert train.lr_factor(100, tc) == 1.0
     assert train.ema_decay(0, 0.9999) == pytest.approx(0.1) and train.ema_decay(10**7, 0.9999) == 0.9999
 
 
@@ -338,12 +338,10 @@ def test_unknown_checkpoint_file(tmp_path):
 def test_fid_every_logs_fid_to_metrics_file(tmp_path, monkeypatch):
     import json
 
-    from test_evaluate import TinyExtractor
-
-    import evaluate
-    monkeypatch.setattr(evaluate, "load_extractor", lambda weights, device: TinyExtractor())
-    _, out = run_train(tmp_path, monkeypatch, "train.max_steps=4", "train.fid_every=2", "train.fid_samples=8",
-                       "sample.batch_size=8")
+    monkeypatch.chdir(tmp_path)
+    train.main(["--config", CONFIG, "--name", "t", *TINY, "train.max_steps=4", "train.fid_every=2",
+                "train.fid_samples=8", "sample.batch_size=8"], extractor=TinyExtractor())
+    out = tmp_path / "results" / "t"
     records = json.loads((out / "metrics.json").read_text())
     assert [r["step"] for r in records] == [2, 4]
     assert all(math.isfinite(r["fid"]) and r["fid"] >= 0 and r["n"] == 8 for r in records)

@@ -80,13 +80,36 @@ class ImageDataset(Dataset):
         raise UserError(f"none of the {n} images under '{self.cfg.root}' can be read; check the files")
 
 
-def _decode(path: str, size: int, channels: int) -> torch.Tensor:
-    """An image file as uint8 C x size x size: shorter side resized to size (bicubic, antialiased), centre crop."""
+def open_image(path: str, channels: int, size: int | None = None) -> Image.Image:
+    """An image file as a PIL image of mode RGB (channels 3) or L (channels 1), with the values a viewer shows:
+    upright by its EXIF orientation; 16- and 32-bit integer images scaled from 0..65535 (Pillow's own
+    conversion would clip them at 255); float images from [0, 1]; transparent pixels (RGBA, LA, palette
+    transparency) composited over white; CMYK and palettes converted to RGB. With `size`, a JPEG is decoded
+    at a reduced scale that still covers size x size (much faster for photos)."""
     mode = "RGB" if channels == 3 else "L"
     with Image.open(path) as img:
-        img.draft(mode, (size, size))  # JPEG only: decode at a reduced scale (still >= size), much faster
-        img = ImageOps.exif_transpose(img).convert(mode)  # photos are often stored rotated plus an EXIF tag
-    img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)  # = resize shorter side, centre crop
+        if size:
+            img.draft(mode, (size, size))
+        img = ImageOps.exif_transpose(img)  # photos are often stored rotated plus an EXIF tag
+        if img.mode.startswith("I") or img.mode == "F":
+            img = Image.fromarray(_high_depth_to_uint8(np.asarray(img)))
+        if img.mode == "P" or "A" in img.mode or "transparency" in img.info:
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(white, rgba)
+        return img.convert(mode)
+
+
+def _high_depth_to_uint8(a: np.ndarray) -> np.ndarray:
+    """16/32-bit integer pixels (0..65535) or float pixels (0..1) as uint8, rounded."""
+    if np.issubdtype(a.dtype, np.floating):
+        return np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)
+    return np.round(np.clip(a.astype(np.float64), 0, 65535) / 257).astype(np.uint8)
+
+
+def _decode(path: str, size: int, channels: int) -> torch.Tensor:
+    """An image file as uint8 C x size x size: shorter side resized to size (bicubic, antialiased), centre crop."""
+    img = ImageOps.fit(open_image(path, channels, size), (size, size), Image.Resampling.BICUBIC)  # resize, centre crop
     return torch.from_numpy(np.asarray(img).reshape(size, size, channels).copy()).permute(2, 0, 1)
 
 
@@ -138,19 +161,38 @@ def _resize(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
     return out
 
 
+def list_images(root: str) -> list[str]:
+    """The image files under root, sorted, each real file once. Symbolic links are followed (class folders
+    often are links), but a folder is entered only once (a link to a parent would loop forever) and a file
+    reached by two paths counts once, under the first path in sorted order. Hidden files and folders
+    (.ipynb_checkpoints, .git, macOS ._x.jpg) are skipped."""
+    seen_dirs, found = set(), []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(folder, n) for n in names if not n.startswith(".")
+                  and n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, n))]
+    seen_files, files = set(), []
+    for path in sorted(found):
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) not in seen_files:
+            seen_files.add((st.st_dev, st.st_ino))
+            files.append(path)
+    return files
+
+
 def _folder_dataset(cfg: DataConfig) -> ImageDataset:
     """Every image under cfg.root; labelled by first-level sub-folder when all images sit in 2+ of them."""
     if not os.path.isdir(cfg.root):
         raise UserError(f"data folder '{cfg.root}' does not exist; set data.root=... to a folder of images")
-    files = []
-    for folder, dirs, names in os.walk(cfg.root, followlinks=True):  # class folders are often symlinks
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skips .ipynb_checkpoints, .git, ...
-        files += [os.path.join(folder, f) for f in names
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]  # ._x.jpg: macOS metadata
+    files = list_images(cfg.root)
     if not files:
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under '{cfg.root}'; "
                         "put images there or set data.root=...")
-    files.sort()
     parts = [os.path.relpath(f, cfg.root).split(os.sep) for f in files]
     classes = sorted({p[0] for p in parts if len(p) > 1})
     if len(classes) < 2 or any(len(p) == 1 for p in parts):

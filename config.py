@@ -119,7 +119,7 @@ def _type_name(tp) -> str:
         return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         return f"list of {typing.get_args(tp)[0].__name__}"
-    return tp.__name__
+    return "a finite number" if tp is float else tp.__name__
 
 
 def _coerce(value, tp):
@@ -147,15 +147,14 @@ def _coerce(value, tp):
         if not isinstance(value, (list, tuple)):
             raise TypeError
         return tuple(_coerce(v, typing.get_args(tp)[0]) for v in value)
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise TypeError from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise TypeError
+    if tp is float:  # a finite number: nan and inf pass every comparison check the wrong way
+        try:
+            number = float(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
+        except ValueError:
+            number = None
+        if number is None or not math.isfinite(number):
+            raise TypeError
+        return number
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     raise TypeError

@@ -15,7 +15,7 @@ import torch
 from config import config_from_dict
 from diffusion import GaussianDiffusion
 from model import UNet
-from utils import UserError, atomic_write, first_line
+from utils import UserError, atomic_write, first_line, writing
 
 FORMAT = "ddpm-checkpoint-v1"
 
@@ -32,13 +32,19 @@ def save_run_checkpoint(state: dict, ckpt_dir: str, step: int, keep_last: int) -
     save_checkpoint(state, last)
     step_file = os.path.join(ckpt_dir, f"step_{step:07d}.pt")
     tmp = step_file + ".tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)
-    try:
-        os.link(last, tmp)
-    except OSError:  # a file system without hard links
-        shutil.copyfile(last, tmp)
-    os.replace(tmp, step_file)
+    with writing(step_file):
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            try:
+                os.link(last, tmp)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(last, tmp)
+            os.replace(tmp, step_file)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
     steps = sorted(f for f in os.listdir(ckpt_dir) if f.startswith("step_") and f.endswith(".pt"))
     for old in steps[:max(0, len(steps) - keep_last)]:
         os.remove(os.path.join(ckpt_dir, old))

@@ -11,6 +11,7 @@ with batches aligned on multiples of the batch size. So the same seed, checkpoin
 same images, and a folder that was interrupted and filled again ends with exactly the files of one
 uninterrupted run (with the same batch size).
 """
+import contextlib
 import dataclasses
 import os
 import re
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from samplers import sample_loop
-from utils import UserError, autocast_dtype, enable_tf32, first_call_or_fallback, to_pil, to_uint8
+from utils import UserError, autocast_dtype, enable_tf32, first_call_or_fallback, to_pil, to_uint8, writing
 
 FILE_NAME = re.compile(r"\d{7,}\.png")  # 0000000.png, 0000001.png, ... as written by sample_to_folder
 
@@ -78,8 +79,14 @@ def save_png(image: torch.Tensor, path: str) -> None:
     never leaves a truncated PNG that the next run would count as done. (No fsync, unlike
     utils.atomic_write: that would cost more than the sampling for tens of thousands of small files.)"""
     tmp = path + ".tmp"
-    to_pil(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with writing(path):
+        try:
+            to_pil(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
 
 
 def sample_to_folder(model, diffusion, folder, n, s, device, class_labels=None) -> int:

@@ -41,10 +41,12 @@ from distributed import setup_distributed, wait_for_all
 from model import UNet
 from utils import (
     ArgumentParser,
+    FolderLock,
     StopSignal,
     UserError,
     atomic_write,
     autocast_dtype,
+    check_writable,
     cli,
     enable_tf32,
     first_call_or_fallback,
@@ -386,6 +388,24 @@ def main(argv=None, extractor=None):
 def run(args, rank, world, device, extractor=None):
     cfg, name, ckpt_dir, out_dir, path, ckpt = load_run(args)
     check_batch_split(cfg.train, world)
+    with contextlib.ExitStack() as stack:
+        if rank == 0:
+            stack.enter_context(FolderLock(ckpt_dir, "training run"))  # a second run of this name is refused
+            for folder in (ckpt_dir, out_dir):  # fail now, not at the first save hours later
+                check_writable(folder, folder=True)
+        cfg, trainer, history = start_trainer(cfg, name, rank, world, device, ckpt, path)
+        del ckpt  # the weights now live in the trainer
+        stack.callback(trainer.release)
+        if cfg.train.fid_every and rank == 0 and extractor is None:
+            from metrics import load_inception  # now: a missing weights file fails before training
+            extractor = load_inception(None, device)
+        stop = stack.enter_context(StopSignal())
+        runlog = stack.enter_context(open_runlog(cfg, trainer, ckpt_dir, out_dir, path, history)) if rank == 0 else None
+        TrainingRun(trainer, ckpt_dir, out_dir, runlog, stop, extractor).loop()
+
+
+def start_trainer(cfg, name, rank, world, device, ckpt, path):
+    """(config with its run-time values resolved, Trainer at the checkpoint's state, the checkpoint's log)."""
     enable_tf32(device)
     dataset = load_data(cfg, rank, world)
     auto = cfg.model.num_classes == "auto"
@@ -394,32 +414,27 @@ def run(args, rank, world, device, extractor=None):
         check_same_architecture(ckpt, cfg, path)
     if rank == 0 and (warning := schedule_warning(cfg.diffusion)):
         print(warning)
-    if cfg.train.fid_every and rank == 0 and extractor is None:
-        from metrics import load_inception  # now: a missing weights file fails before training
-        extractor = load_inception(None, device)
     trainer = Trainer(cfg, device, rank, world, dataset)
-    history = None
-    if ckpt is not None:
-        trainer.load_state_dict(ckpt)
-        history = ckpt.get("log")
-    del ckpt  # the weights now live in the trainer
-    runlog = None
+    if ckpt is None:
+        return cfg, trainer, None
+    trainer.load_state_dict(ckpt)
+    return cfg, trainer, ckpt.get("log")
+
+
+@contextlib.contextmanager
+def open_runlog(cfg, trainer, ckpt_dir, out_dir, path, history):
+    """Rank 0's RunLog, after printing the config and writing it to results/<name>/config.yaml."""
+    from runlog import RunLog
+    runlog = RunLog(out_dir, trainer.step, cfg.train.max_steps, history)
     try:
-        with StopSignal() as stop:
-            if rank == 0:
-                from runlog import RunLog
-                runlog = RunLog(out_dir, trainer.step, cfg.train.max_steps, history)
-                trainer.log = runlog.message
-                print(dump(cfg), end="")
-                print(f"UNet: {trainer.model.num_params() / 1e6:.2f}M parameters")
-                os.makedirs(ckpt_dir, exist_ok=True)
-                atomic_write(os.path.join(out_dir, "config.yaml"), lambda f: f.write(dump(cfg).encode()))
-                print(f"resuming from {path} at step {trainer.step}" if path else f"starting run '{cfg.name}'")
-            TrainingRun(trainer, ckpt_dir, out_dir, runlog, stop, extractor).loop()
+        trainer.log = runlog.message
+        print(dump(cfg), end="")
+        print(f"UNet: {trainer.model.num_params() / 1e6:.2f}M parameters")
+        atomic_write(os.path.join(out_dir, "config.yaml"), lambda f: f.write(dump(cfg).encode()))
+        print(f"resuming from {path} at step {trainer.step}" if path else f"starting run '{cfg.name}'")
+        yield runlog
     finally:
-        if runlog is not None:
-            runlog.close()
-        trainer.release()
+        runlog.close()
 
 
 if __name__ == "__main__":

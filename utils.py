@@ -1,5 +1,7 @@
-"""Small helpers shared by the scripts: user-facing errors, devices, atomic files, image grids."""
+"""Small helpers shared by the scripts: one-line errors and interrupts, devices, safe file writes and folder
+locks, image grids."""
 import argparse
+import contextlib
 import functools
 import math
 import os
@@ -14,15 +16,45 @@ class UserError(Exception):
     """A problem with the user's input (config, files, flags), reported as one line, exit code 2."""
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt is for Ctrl-C (a BaseException, so `except Exception` lets it by)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+_interrupt_notes = []  # what the running script has finished, for the line an interrupt prints
+
+
+@contextlib.contextmanager
+def on_interrupt(note):
+    """While inside, Ctrl-C or SIGTERM ends the script with one line, 'interrupted: ' + note(), which says what
+    was finished and how to continue (note is called then, so it can count what is done)."""
+    _interrupt_notes.append(note)
+    try:
+        yield
+    finally:
+        _interrupt_notes.pop()
+
+
 def cli(main):
-    """Run a script's main(); a UserError becomes 'error: ...' on stderr and exit code 2."""
+    """Run a script's main(). A UserError becomes 'error: ...' on stderr and exit code 2; Ctrl-C and SIGTERM
+    become 'interrupted: ...' (see on_interrupt) and exit codes 130 and 143, as a shell reports them."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return main(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except (KeyboardInterrupt, Terminated) as e:
+            note = _interrupt_notes[-1]() if _interrupt_notes else "nothing was written; run the command again"
+            print(f"\ninterrupted: {note}", file=sys.stderr)
+            sys.exit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return wrapper
 
 
@@ -95,27 +127,71 @@ def autocast_dtype(precision: str, device: torch.device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
+@contextlib.contextmanager
+def writing(path: str):
+    """Inside, a failed write of `path` (a full disk, a folder without write permission) becomes a one-line
+    UserError naming it. torch.save reports a full disk as a RuntimeError from its zip writer ('failed
+    writing file', or 'unexpected pos' when the file was cut short), so RuntimeErrors count too."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise UserError(f"cannot write '{path}' ({reason}); is the disk full, or the folder not writable? "
+                        "Free some space or choose another folder") from None
+
+
 def atomic_write(path: str, write_fn) -> None:
     """Write a file so that readers see the old or the new version, never half of one.
 
-    write_fn(f) writes to an open binary file in the same folder; it is flushed and fsynced, then
-    renamed over `path` (os.replace is atomic on POSIX and Windows)."""
+    write_fn(f) writes to an open binary file in the same folder; it is flushed and fsynced, then renamed
+    over `path` (os.replace is atomic on POSIX and Windows). On any failure the temporary file is removed
+    and the old `path` is left as it was; a failed write is a UserError (see `writing`)."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with writing(path):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
+            with os.fdopen(fd, "wb") as f:
+                write_fn(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+
+
+class FolderLock:
+    """An exclusive OS-level lock on FOLDER/.lock, so that two runs never write one folder at the same time.
+    The kernel releases it when the process ends, however it ends: a killed run leaves no stale lock."""
+
+    def __init__(self, folder: str, what: str):
+        self.folder, self.what, self.fd = folder, what, None
+
+    def __enter__(self):
+        import fcntl
+        path = os.path.join(self.folder, ".lock")
+        with writing(path):
+            os.makedirs(self.folder, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"'{self.folder}' is in use by another {self.what} (process {holder}); wait for it "
+                            "to finish, or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing releases the lock; the file stays (removing it would race a new lock)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from checkpoint import load_checkpoint, save_checkpoint
 from config import load_config
 from dataset import build_dataset
 from diffusion import GaussianDiffusion
+from utils import UserError
 
 
 def run_train(tmp_path, monkeypatch, *extra, name="t"):
@@ -32,7 +33,7 @@ def read_csv(path):
 
 def test_short_run_writes_every_output(tmp_path, monkeypatch):
     ckpt_dir, out = run_train(tmp_path, monkeypatch, "train.max_steps=6", "train.sample_every=3")
-    assert sorted(os.listdir(ckpt_dir)) == ["last.pt", "step_0000005.pt", "step_0000006.pt"]
+    assert sorted(os.listdir(ckpt_dir)) == [".lock", "last.pt", "step_0000005.pt", "step_0000006.pt"]
     ckpt = load_checkpoint(str(ckpt_dir / "last.pt"))
     assert ckpt["step"] == 6 and ckpt["config"]["name"] == "t"
     assert len(list((out / "logs").glob("events.out.tfevents.*"))) == 1
@@ -48,7 +49,7 @@ def test_short_run_writes_every_output(tmp_path, monkeypatch):
 
 def test_keep_last_prunes_old_step_checkpoints(tmp_path, monkeypatch):
     ckpt_dir, _ = run_train(tmp_path, monkeypatch, "train.max_steps=8", "train.save_every=2", "train.keep_last=2")
-    assert sorted(os.listdir(ckpt_dir)) == ["last.pt", "step_0000006.pt", "step_0000008.pt"]
+    assert sorted(os.listdir(ckpt_dir)) == [".lock", "last.pt", "step_0000006.pt", "step_0000008.pt"]
     # a kept step file is its own snapshot, not a view of last.pt
     assert load_checkpoint(str(ckpt_dir / "step_0000006.pt"))["step"] == 6
 
@@ -130,7 +131,7 @@ def test_failed_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=f"cannot write '{path}' \\(disk full\\)"):
         save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1

@@ -70,6 +70,8 @@ def set_rng_state(state: dict, device) -> None:
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Read one of our checkpoints as data (weights_only=True); anything else is a one-line UserError."""
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint '{path}' is a folder; give a checkpoint file in it, e.g. {path}/last.pt")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' not found; train first (python train.py) or check the path")
     try:

@@ -11,17 +11,36 @@ import os
 import torch
 import torch.distributed as dist
 
-from utils import resolve_device
+from utils import UserError, first_line, resolve_device
+
+
+def torchrun_env() -> tuple[int, int, int]:
+    """(WORLD_SIZE, RANK, LOCAL_RANK) as torchrun sets them; (1, 0, 0) without torchrun. Set by hand and
+    inconsistent (WORLD_SIZE without RANK, a non-number, RANK outside 0..WORLD_SIZE-1): a one-line UserError."""
+    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+    raw = {k: os.environ.get(k) for k in names}
+    if raw["WORLD_SIZE"] in (None, "1") and raw["RANK"] in (None, "0"):
+        return 1, 0, 0
+    try:
+        world, rank, local = (int(raw[k]) for k in names)
+    except (TypeError, ValueError):
+        given = ", ".join(f"{k}={raw[k]}" for k in names if raw[k] is not None)
+        raise UserError(f"the torchrun variables are incomplete or not numbers ({given}); start several "
+                        "processes with torchrun, or unset WORLD_SIZE, RANK and LOCAL_RANK") from None
+    if not (world >= 1 and 0 <= rank < world and 0 <= local <= rank):
+        raise UserError(f"inconsistent torchrun variables WORLD_SIZE={world}, RANK={rank}, LOCAL_RANK={local}; "
+                        "start several processes with torchrun, or unset them")
+    return world, rank, local
 
 
 def setup_distributed(device_arg: str):
     """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) join the group: NCCL on GPUs, gloo on CPUs."""
     device = resolve_device(device_arg)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, rank, local_rank = torchrun_env()
     if world == 1:
         return 0, 1, device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("RANK") == "0":
@@ -29,7 +48,10 @@ def setup_distributed(device_arg: str):
         print("warning: with --max-restarts, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun, or a "
               "restarted job may fail to reconnect (see the README)")
     # the timeout turns a stuck peer into an error instead of a hang; it must outlast a rank-0 checkpoint
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    except ValueError as e:  # e.g. MASTER_ADDR missing: the variables were set by hand, not by torchrun
+        raise UserError(f"cannot join the process group ({first_line(e)}); start the processes with torchrun") from None
     return dist.get_rank(), world, device
 
 

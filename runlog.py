@@ -7,18 +7,23 @@ import csv
 import io
 import os
 
+import numpy as np
+
 from utils import atomic_write
 
 COLUMNS = ("step", "loss", "lr", "grad_norm", "img_per_s")
 
 
-def smooth(values, weight=0.9):
-    """Exponential moving average with bias correction, as TensorBoard's smoothing slider does."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values):
-        avg = weight * avg + (1 - weight) * v
-        out.append(avg / (1 - weight ** (i + 1)))
-    return out
+def smooth(values, fraction=0.05):
+    """A centred moving average: each point is the mean of the points within a window of about `fraction`
+    of the curve (at least 5 points) around it, narrower near the ends so that the window stays centred.
+    Unlike an exponential average it does not lag: on a falling loss curve an EMA lies above the data."""
+    values = np.asarray(values, dtype=np.float64)
+    half = max(2, int(len(values) * fraction / 2))
+    sums = np.concatenate([[0.0], np.cumsum(values)])
+    i = np.arange(len(values))
+    width = np.minimum(np.minimum(i, len(values) - 1 - i), half)  # shrinks to 0 at the two ends
+    return (sums[i + width + 1] - sums[i - width]) / (2 * width + 1)
 
 
 class RunLog:
@@ -30,16 +35,14 @@ class RunLog:
         # purge_step drops events a killed run wrote after its last checkpoint, so curves do not overlap
         self.tb = SummaryWriter(os.path.join(results_dir, "logs"), purge_step=start_step or None)
         self.bar = tqdm(total=max_steps, initial=start_step, dynamic_ncols=True, desc="train")
-        self.smoothed = None
 
     def scalars(self, step: int, loss: float, lr: float, grad_norm: float, img_per_s: float) -> None:
         row = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, img_per_s=img_per_s)
         for k, v in row.items():
             self.history[k].append(v)
-        self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
         for k in ("loss", "lr", "grad_norm", "img_per_s"):
             self.tb.add_scalar(f"train/{k}", row[k], step)
-        self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}")
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}")  # mean since the last log
 
     def advance(self, step: int) -> None:
         self.bar.update(step - self.bar.n)
@@ -68,7 +71,7 @@ class RunLog:
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(self.history["step"], self.history["loss"], alpha=0.35, label="loss")
-        ax.plot(self.history["step"], smooth(self.history["loss"]), label="smoothed")
+        ax.plot(self.history["step"], smooth(self.history["loss"]), label="smoothed (centred window)")
         ax.set(xlabel="step", ylabel="loss (L_simple)", yscale="log", title=os.path.basename(self.dir))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()

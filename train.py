@@ -343,6 +343,9 @@ def load_run(args):
 
     Without --config, a resumed run takes the checkpoint's own config, and with --resume PATH its name."""
     cfg = load_config(args.config, args.overrides)
+    if args.name is not None and not is_run_name(args.name):
+        raise UserError(f"--name '{args.name}' is a run name, not a path: no '/', '\\', or a name of dots; "
+                        "outputs go to checkpoints/NAME and results/NAME")
     given = args.resume not in ("auto", "never")
     ckpt = load_checkpoint(args.resume) if given else None
     own_config = args.config is None
@@ -361,6 +364,10 @@ def load_run(args):
     if ckpt is not None and own_config:
         cfg = config_from_dict(ckpt["config"], args.overrides)
     return cfg, name, ckpt_dir, out_dir, path, ckpt
+
+
+def is_run_name(name: str) -> bool:
+    return bool(name) and not set(name) & {"/", "\\", "\0"} and name.strip(".") != ""
 
 
 def load_data(cfg, rank, world):
@@ -388,6 +395,9 @@ def main(argv=None, extractor=None):
 def run(args, rank, world, device, extractor=None):
     cfg, name, ckpt_dir, out_dir, path, ckpt = load_run(args)
     check_batch_split(cfg.train, world)
+    if ckpt is None and cfg.train.max_steps == 0:
+        raise UserError("train.max_steps=0 on a new run trains nothing and writes no checkpoint; give "
+                        "train.max_steps of at least 1")
     with contextlib.ExitStack() as stack:
         if rank == 0:
             stack.enter_context(FolderLock(ckpt_dir, "training run"))  # a second run of this name is refused

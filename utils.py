@@ -76,10 +76,16 @@ class StopSignal:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one 'error: ...' line and exit code 2, like every other user error."""
+    """argparse whose errors are one 'error: ...' line and exit code 2, like every other user error, and whose
+    positional arguments (the section.field=value overrides) may come before, between or after the flags."""
 
     def error(self, message):
         raise UserError(message)
+
+    def parse_args(self, args=None, namespace=None):
+        if self._subparsers is not None:  # argparse cannot intermix with sub-commands
+            return super().parse_args(args, namespace)
+        return self.parse_intermixed_args(args, namespace)
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

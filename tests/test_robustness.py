@@ -7,7 +7,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pytest
 from helpers import CONFIG, ROOT, TINY, assert_one_line_error, run_script
+
+import train
+from distributed import torchrun_env
+from runlog import smooth
+from utils import UserError
 
 TRAIN = [os.path.join(ROOT, "train.py"), "--config", CONFIG, "--name", "t", *TINY]
 
@@ -59,3 +66,78 @@ def test_a_second_run_on_a_training_run_is_refused_and_a_killed_run_leaves_no_lo
     assert first.returncode == -signal.SIGKILL, "the first run ended before the second one was tried"
     again = run_script([*TRAIN, "train.max_steps=3"], tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+# ---- odd input: one line each --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env, needle", [
+    ({"WORLD_SIZE": "2"}, "RANK"),                                        # WORLD_SIZE without RANK
+    ({"WORLD_SIZE": "two", "RANK": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE=two"),
+    ({"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0"}, "RANK=5"),
+    ({"RANK": "1"}, "RANK=1"),                                            # RANK without WORLD_SIZE
+])
+def test_inconsistent_torchrun_variables(monkeypatch, env, needle):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(UserError, match=needle) as e:
+        torchrun_env()
+    assert "\n" not in str(e.value)
+
+
+def test_torchrun_variables_of_a_real_launch(monkeypatch):
+    for env, expected in (({}, (1, 0, 0)), ({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}, (1, 0, 0)),
+                          ({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}, (4, 3, 1))):
+        for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert torchrun_env() == expected
+
+
+def test_a_command_line_with_bad_torchrun_variables_is_one_line(tmp_path):
+    proc = run_script([*TRAIN, "train.max_steps=1"], tmp_path, env_extra={"WORLD_SIZE": "2"})
+    assert_one_line_error(proc, "WORLD_SIZE=2")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--name", "a/b"], "--name 'a/b' is a run name"),
+    (["--name", ".."], "--name '..' is a run name"),
+    (["--name", "../elsewhere"], "is a run name"),
+    (["train.max_steps=0"], "train.max_steps=0"),
+    (["--resume", "."], "is a folder"),
+])
+def test_bad_run_names_empty_runs_and_folders_as_checkpoints(tmp_path, monkeypatch, capsys, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", CONFIG, *TINY, *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_overrides_before_between_and_after_flags():
+    args = train.parse_args(["train.lr=1e-3", "--name", "n", "train.seed=2", "--device", "cpu", "model.dropout=0"])
+    assert args.name == "n" and args.overrides == ["train.lr=1e-3", "train.seed=2", "model.dropout=0"]
+
+
+# ---- pictures that mislead -----------------------------------------------------------------------------------
+
+def test_the_smoothed_loss_curve_tracks_the_data():
+    """A falling, noisy curve logged as the quickstart logs it (every 50 of 2,000 steps): the raw points lie on
+    both sides of the smoothed curve about equally often (the exponential average used before lay above all
+    but 0.4% of them), and a straight line is kept exactly."""
+    steps = np.arange(50, 2001, 50)
+    trend = 0.05 + 0.5 * np.exp(-steps / 400)
+    above = []
+    for seed in range(200):
+        raw = trend * np.exp(np.random.default_rng(seed).normal(0, 0.1, len(steps)))
+        above.append(np.mean(raw[2:] > smooth(raw)[2:]))
+    # 200 x 38 points: the mean fraction is 0.47 here (a point is a fifth of its own window, and the curve is
+    # convex); its sampling error is below 0.01
+    assert 0.4 < np.mean(above) < 0.6, np.mean(above)
+    line = 3.0 - 0.001 * np.arange(500)
+    assert np.allclose(smooth(line), line, rtol=0, atol=1e-9)
+    assert smooth([2.0]).tolist() == [2.0] and smooth([]).tolist() == []

@@ -17,7 +17,6 @@ import hashlib
 import math
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from config import DataConfig, load_config
-from utils import ArgumentParser, UserError, atomic_write, cli, first_line, save_grid
+from utils import ArgumentParser, UserError, atomic_write, cli, first_line, on_interrupt, save_grid, thread_map
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHAPES = ["circle", "square", "triangle"]
@@ -279,13 +278,12 @@ def _load_folder(ds: ImageDataset, cfg: DataConfig):
     print(f"decoding {len(ds)} images under {cfg.root} (once: the result is cached for later runs)")
     images = torch.empty(len(ds), *ds.shape, dtype=torch.uint8)
     labels = torch.empty(len(ds), dtype=torch.int64)
-    with ThreadPoolExecutor() as pool:  # PIL releases the GIL while decoding and resizing
-        for i, (x, y) in enumerate(pool.map(ds._read, range(len(ds)))):
-            images[i], labels[i] = x, y
+    for i, (x, y) in enumerate(thread_map(ds._read, range(len(ds)))):
+        images[i], labels[i] = x, y
     try:
         atomic_write(path, lambda f: np.savez(f, images=images.numpy(), labels=labels.numpy()))
-    except OSError as e:  # a read-only data folder: decode again next time
-        print(f"not caching the decoded images: cannot write {path} ({e.strerror or e})")
+    except UserError as e:  # a read-only data folder: decode again next time
+        print(f"not caching the decoded images: {e}")
         return images, labels
     print(f"cached the decoded images in {path}")
     for old in glob.glob(os.path.join(glob.escape(cfg.root), prefix + "*.npz")):  # caches of older versions
@@ -430,9 +428,11 @@ def main(argv=None):
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.dataset=shapes")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    ds = build_dataset(cfg.data)
-    if preload_wanted(cfg.data, ds):  # decode (and cache) now, as training will
-        load_uint8(ds, cfg.data)
+    with on_interrupt(lambda: "the data set was not finished (a download or the decoding cache is written only "
+                              "whole); run the same command again"):
+        ds = build_dataset(cfg.data)
+        if preload_wanted(cfg.data, ds):  # decode (and cache) now, as training will
+            load_uint8(ds, cfg.data)
     classes = ", ".join(ds.classes[:10]) + (", ..." if len(ds.classes) > 10 else "")
     print(f"{cfg.data.dataset}: {len(ds)} images of {'x'.join(map(str, ds.shape))}, "
           f"{f'{len(ds.classes)} classes: {classes}' if ds.classes else 'no labels'}")

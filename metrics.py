@@ -16,14 +16,13 @@ import contextlib
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from dataset import build_dataset, folder_signature
 from sampling import cycle, sample_batches
-from utils import UserError, atomic_write, first_line, to_uint8
+from utils import UserError, atomic_write, first_line, thread_map, to_uint8
 
 # torch-fidelity downloads the weights under the first name, pytorch-fid under the second; the -6726825d
 # suffix is the start of the file's SHA-256 (torch.hub's convention): the two are the same file
@@ -204,9 +203,8 @@ def image_batches(ds, batch_size: int, n: int | None = None):
         for i in range(0, n, batch_size):
             yield ds.images[i:min(i + batch_size, n)]
         return
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        for i in range(0, n, batch_size):
-            yield torch.stack(list(pool.map(ds.get_uint8, range(i, min(i + batch_size, n)))))
+    for i in range(0, n, batch_size):
+        yield torch.stack(list(thread_map(ds.get_uint8, range(i, min(i + batch_size, n)))))
 
 
 def extract_features(extractor, batches, n: int, desc: str = "features"):
@@ -272,8 +270,8 @@ def reference_stats(data, extractor, cache_dir: str, batch_size: int = 500) -> d
     try:
         atomic_write(path, lambda f: np.savez(f, key=json.dumps(key, sort_keys=True), **stats))
         print(f"reference statistics: computed from {len(features)} images, cached in {path}")
-    except OSError as e:
-        print(f"reference statistics: computed from {len(features)} images; not cached ({e.strerror or e})")
+    except UserError as e:
+        print(f"reference statistics: computed from {len(features)} images; not cached ({e})")
     return stats
 
 

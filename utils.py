@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -198,6 +199,16 @@ class FolderLock:
 
     def __exit__(self, *exc):
         os.close(self.fd)  # closing releases the lock; the file stays (removing it would race a new lock)
+
+
+def thread_map(fn, items, workers: int | None = None):
+    """fn over items in threads, in order (PIL releases the GIL while decoding). When the caller stops early
+    (an error, Ctrl-C), the items not yet started are cancelled instead of decoded to the end."""
+    pool = ThreadPoolExecutor(workers)  # None: min(32, cores + 4), as Python chooses
+    try:
+        yield from pool.map(fn, items)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

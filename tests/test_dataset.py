@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import dataset
+import utils
 from config import DataConfig
 from dataset import Batches, ImageDataset, build_dataset, load_uint8, make_shapes, num_classes, preload_wanted
 from utils import UserError
@@ -196,9 +197,9 @@ def test_folder_cache_is_written_reused_and_invalidated(tmp_path, monkeypatch, c
 def test_folder_cache_skipped_when_the_folder_is_read_only(tmp_path, monkeypatch, capsys):
     save(tmp_path / "a.png", RED)
 
-    def refuse(path, write_fn):
+    def refuse(*args, **kwargs):  # what the OS says in a folder without write permission
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(dataset, "atomic_write", refuse)
+    monkeypatch.setattr(utils.tempfile, "mkstemp", refuse)
     images, _ = load_uint8(build_dataset(folder_cfg(tmp_path)), folder_cfg(tmp_path))
     assert images.shape == (1, 3, 8, 8) and "not caching" in capsys.readouterr().out
     assert glob.glob(str(tmp_path / ".ddpm-cache-*")) == []

@@ -25,18 +25,16 @@ def _raise_terminated(signum, frame):
     raise Terminated
 
 
-_interrupt_notes = []  # what the running script has finished, for the line an interrupt prints
-
-
 @contextlib.contextmanager
 def on_interrupt(note):
     """While inside, Ctrl-C or SIGTERM ends the script with one line, 'interrupted: ' + note(), which says what
-    was finished and how to continue (note is called then, so it can count what is done)."""
-    _interrupt_notes.append(note)
+    was finished and how to continue (note is called then, so it can count what is done; the innermost wins)."""
     try:
         yield
-    finally:
-        _interrupt_notes.pop()
+    except (KeyboardInterrupt, Terminated) as e:
+        if not hasattr(e, "note"):
+            e.note = note()
+        raise
 
 
 def cli(main):
@@ -51,7 +49,7 @@ def cli(main):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except (KeyboardInterrupt, Terminated) as e:
-            note = _interrupt_notes[-1]() if _interrupt_notes else "nothing was written; run the command again"
+            note = getattr(e, "note", "nothing was written; run the command again")
             print(f"\ninterrupted: {note}", file=sys.stderr)
             sys.exit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT))
         finally:

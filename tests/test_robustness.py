@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 from helpers import CONFIG, ROOT, TINY, assert_one_line_error, run_script
+from PIL import Image
 
 import train
 from distributed import torchrun_env
@@ -141,3 +142,35 @@ def test_the_smoothed_loss_curve_tracks_the_data():
     line = 3.0 - 0.001 * np.arange(500)
     assert np.allclose(smooth(line), line, rtol=0, atol=1e-9)
     assert smooth([2.0]).tolist() == [2.0] and smooth([]).tolist() == []
+
+
+# ---- interrupts ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory):
+    images = tmp_path_factory.mktemp("many") / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3000):  # enough that decoding them takes a while on any machine
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(images / f"{i:04d}.png")
+    return images
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_data_set_build_ends_in_one_line(tmp_path, many_images, signum):
+    """Ctrl-C or SIGTERM while dataset.py decodes a folder: one 'interrupted:' line saying what to do, exit
+    130 or 143, no traceback, and no half-written cache."""
+    images = many_images
+    env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dataset.py"), "--config", CONFIG,
+                             "data.dataset=folder", f"data.root={images}", "data.image_size=32"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("decoding"):
+            break
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err and "interrupted: the data set was not finished" in err, err
+    assert [line for line in err.splitlines() if line.strip()] == [err.strip().splitlines()[-1]], err
+    assert "cached" not in out and not list(images.glob(".ddpm-cache-*"))

@@ -19,6 +19,10 @@ from utils import UserError, atomic_write, first_line, writing
 
 FORMAT = "ddpm-checkpoint-v1"
 
+# Model options that came after the first checkpoints, with the values those were trained with: a stored config
+# without a field means this value (new configs get the paper's choices, the defaults in config.py)
+BEFORE_MODEL_OPTIONS = {"time_embedding": "transformer", "downsample_padding": "symmetric", "norm_eps": 1e-5}
+
 
 def save_checkpoint(state: dict, path: str) -> None:
     """Write atomically: a crash or kill -9 mid-save leaves the previous file intact."""
@@ -81,6 +85,10 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
                         "PyTorch checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"'{path}' is not a checkpoint of this toolkit (no '{FORMAT}' marker)")
+    config = ckpt.get("config")
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):
+        # the one place where a checkpoint from before the model options gets the ones it was trained with
+        config["model"] = {**BEFORE_MODEL_OPTIONS, **config["model"]}
     return ckpt
 
 

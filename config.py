@@ -46,6 +46,10 @@ class ModelConfig:
     num_heads: int = 1
     dropout: float = 0.1
     num_classes: int | Literal["auto"] | None = None  # None: unconditional; 'auto': from the data set
+    # the paper's code in three details (model.py); a checkpoint saved without them had the other choices
+    time_embedding: Literal["ddpm", "transformer"] = "ddpm"   # [sin | cos], or interleaved as in Vaswani et al.
+    downsample_padding: Literal["same", "symmetric"] = "same"  # TensorFlow 'SAME' (bottom/right), or 1 each side
+    norm_eps: float = 1e-6                                     # GroupNorm epsilon
 
 
 @dataclass
@@ -201,6 +205,10 @@ def validate(cfg: Config) -> Config:
     _check(all(w % m.num_heads == 0 for w in widths),
            f"model.num_heads={m.num_heads} must divide the channels at every attention layer ({sorted(set(widths))})")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _check(m.base_channels % 2 == 0 and (m.base_channels >= 4 or m.time_embedding != "ddpm"),
+           f"model.base_channels={m.base_channels} is the size of the sin/cos timestep embedding: it must be even "
+           "(and at least 4 with model.time_embedding 'ddpm')")
+    _check(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
     _check(m.num_classes is None or m.num_classes == "auto" or m.num_classes >= 1,
            f"model.num_classes must be null, 'auto' or at least 1, got {m.num_classes}")
     _check(df.timesteps >= 2, f"diffusion.timesteps must be at least 2, got {df.timesteps}")

@@ -4,6 +4,10 @@ A PixelCNN++-style U-Net: residual blocks at each resolution with the timestep e
 GroupNorm + SiLU, dropout, self-attention at chosen feature-map sizes, skip connections from every
 encoder block to the decoder. With base_channels=128, channel_mults=(1,2,2,2), 2 blocks per resolution
 and attention at 16x16 it has the paper's 35.7M parameters.
+
+By default it is the network of the paper's code (hojonathanho/diffusion) exactly, so its weights load (convert.py):
+the [sin | cos] timestep embedding, TensorFlow's 'SAME' padding when downsampling and GroupNorm's eps = 1e-6.
+`model.time_embedding`, `model.downsample_padding` and `model.norm_eps` select the earlier choices of this toolkit.
 """
 import math
 
@@ -12,21 +16,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of Vaswani et al.: PE(t, 2i) = sin(t / 10000^(2i/d)), PE(t, 2i+1) = cos(same).
+def timestep_embedding(t: torch.Tensor, dim: int, kind: str) -> torch.Tensor:
+    """Sinusoidal embedding of the timesteps t (B,) as (B, dim) float32, with half = dim / 2 frequencies w_i:
 
-    t: (B,) integer or float timesteps; returns (B, dim) float32."""
+    'ddpm' (the paper's code, after tensor2tensor): [sin(t w_0) .. sin(t w_{half-1}) | cos(t w_0) .. cos(t w_{half-1})],
+        w_i = 10000^(-i / (half - 1));
+    'transformer' (Vaswani et al.): PE(t, 2i) = sin(t w_i), PE(t, 2i+1) = cos(t w_i), w_i = 10000^(-2i / dim)."""
     assert dim % 2 == 0, "timestep embedding dimension must be even"
+    if kind == "ddpm":
+        half = dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+        angles = t.float()[:, None] * freqs[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
     freqs = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=t.device, dtype=torch.float32) / dim)
     angles = t.float()[:, None] * freqs[None, :]
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+def group_norm(channels: int, eps: float) -> nn.GroupNorm:
     # 32 groups as in the paper; fewer when a small model has fewer channels than that, keeping at least
     # 4 channels per group: with one channel per group the norm would subtract (erase) the per-channel
     # time/label embedding that ResBlock adds just before its second norm
-    return nn.GroupNorm(math.gcd(channels, max(1, min(32, channels // 4))), channels)
+    return nn.GroupNorm(math.gcd(channels, max(1, min(32, channels // 4))), channels, eps=eps)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -39,12 +50,12 @@ def zero_init(module: nn.Module) -> nn.Module:
 class ResBlock(nn.Module):
     """GN-SiLU-conv, add the projected time embedding, GN-SiLU-dropout-conv, plus a (1x1) skip."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, eps: float):
         super().__init__()
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = group_norm(in_ch, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_ch)
-        self.norm2 = group_norm(out_ch)
+        self.norm2 = group_norm(out_ch, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -59,12 +70,12 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over the H*W positions of a feature map, with a residual connection."""
 
-    def __init__(self, channels: int, num_heads: int):
+    def __init__(self, channels: int, num_heads: int, eps: float):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"model.num_heads={num_heads} must divide the {channels} channels at attention")
         self.num_heads = num_heads
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
 
@@ -79,10 +90,10 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """A residual block, followed by attention at the resolutions that have it."""
 
-    def __init__(self, in_ch, out_ch, emb_dim, dropout, attention: bool, num_heads: int):
+    def __init__(self, in_ch, out_ch, emb_dim, dropout, attention: bool, num_heads: int, eps: float):
         super().__init__()
-        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout)
-        self.attn = Attention(out_ch, num_heads) if attention else None
+        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout, eps)
+        self.attn = Attention(out_ch, num_heads, eps) if attention else None
 
     def forward(self, x, emb):
         x = self.res(x, emb)
@@ -90,12 +101,16 @@ class Block(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch):
+    """A 3x3 convolution with stride 2. Padding 'same' is TensorFlow's 'SAME' on an even size, as in the paper's
+    code: one row and column of zeros at the bottom and right only; 'symmetric' pads one on every side."""
+
+    def __init__(self, ch, padding: str):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.pad = (0, 1, 0, 1) if padding == "same" else None
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if self.pad else 1)
 
     def forward(self, x, emb=None):
-        return self.conv(x)
+        return self.conv(F.pad(x, self.pad) if self.pad else x)
 
 
 class Upsample(nn.Module):
@@ -115,6 +130,7 @@ class UNet(nn.Module):
         if cfg.num_classes == "auto":
             raise ValueError("resolve model.num_classes='auto' from the data set before building the model")
         self.image_channels, self.image_size, self.num_classes = image_channels, image_size, cfg.num_classes
+        self.time_embedding = cfg.time_embedding
         base, mults, attn_res = cfg.base_channels, cfg.channel_mults, cfg.attention_resolutions
         ch, emb_dim = base, 4 * base
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -123,7 +139,7 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(image_channels, ch, 3, padding=1)
 
         def block(in_ch, out_ch, attention):
-            return Block(in_ch, out_ch, emb_dim, cfg.dropout, attention, cfg.num_heads)
+            return Block(in_ch, out_ch, emb_dim, cfg.dropout, attention, cfg.num_heads, cfg.norm_eps)
 
         self.down, skip_channels, res = nn.ModuleList(), [ch], image_size
         for level, mult in enumerate(mults):
@@ -132,7 +148,7 @@ class UNet(nn.Module):
                 ch = base * mult
                 skip_channels.append(ch)
             if level != len(mults) - 1:
-                self.down.append(Downsample(ch))
+                self.down.append(Downsample(ch, cfg.downsample_padding))
                 skip_channels.append(ch)
                 res //= 2
 
@@ -147,7 +163,7 @@ class UNet(nn.Module):
                 self.up.append(Upsample(ch))
                 res *= 2
 
-        self.norm_out = group_norm(ch)
+        self.norm_out = group_norm(ch, cfg.norm_eps)
         self.conv_out = zero_init(nn.Conv2d(ch, image_channels, 3, padding=1))
 
     @classmethod
@@ -164,7 +180,7 @@ class UNet(nn.Module):
 
     def forward(self, x, t, cond=None):
         """Predict from x_t (B x C x H x W) at integer steps t (B,); cond (B,) labels, or None for the null label."""
-        emb = self.time_mlp(timestep_embedding(t, self.conv_in.out_channels))
+        emb = self.time_mlp(timestep_embedding(t, self.conv_in.out_channels, self.time_embedding))
         if self.label_emb is not None:
             if cond is None:
                 cond = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)

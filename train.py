@@ -143,6 +143,8 @@ class Trainer:
     def load_state_dict(self, ckpt: dict) -> None:
         load_weights(self.model, ckpt["model"], "the checkpoint's model weights")
         load_weights(self.ema, ckpt["ema"], "the checkpoint's EMA weights")
+        if "optimizer" not in ckpt:  # weights only (convert.py): fine-tune from step 0, new optimiser and data order
+            return
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         self._apply_run_settings()

@@ -2,14 +2,22 @@
 attention against a float64 reference, shapes, initialisation, conditioning, size, that it can learn, and
 checkpoint files (round trip and one-line errors)."""
 import math
+import os
 
 import pytest
 import torch
-from helpers import make_diffusion, perturb_zero_params, tiny_unet
+from helpers import CONFIG, ROOT, make_diffusion, perturb_zero_params, tiny_checkpoint, tiny_unet
 
-from checkpoint import check_same_architecture, load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
-from config import load_config, to_dict
-from model import Attention, ResBlock, UNet, timestep_embedding
+from checkpoint import (
+    BEFORE_MODEL_OPTIONS,
+    check_same_architecture,
+    load_checkpoint,
+    load_weights,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from config import ModelConfig, load_config, to_dict
+from model import Attention, Downsample, ResBlock, UNet, group_norm, timestep_embedding
 from utils import UserError
 
 TINY_OVERRIDES = ["model.base_channels=16", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
@@ -24,28 +32,50 @@ def tiny(seed=0, **fields) -> UNet:
 
 # ---- timestep embedding --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dim", [2, 16, 128])
-def test_timestep_embedding_is_the_sinusoidal_formula(dim):
+def float32_angle_tol(t):
+    # the float32 angle t * w_i has a relative error of a few 2^-24, i.e. an absolute one of about
+    # t * 4 * 6e-8 (up to 2.4e-4 at t = 999); sin and cos pass it on unamplified
+    return 1e-6 + 4 * 2.0 ** -24 * t
+
+
+@pytest.mark.parametrize("dim", [4, 16, 128])
+def test_ddpm_timestep_embedding_is_the_formula_of_the_paper_code(dim):
+    """[sin(t w_0) .. sin(t w_{h-1}) | cos(t w_0) .. cos(t w_{h-1})], w_i = 10000^(-i/(h-1)), h = dim/2."""
     ts = [0, 1, 2, 17, 500, 999]
-    emb = timestep_embedding(torch.tensor(ts), dim)
+    emb = timestep_embedding(torch.tensor(ts), dim, "ddpm")
+    assert emb.shape == (len(ts), dim) and emb.dtype == torch.float32
+    half = dim // 2
+    for row, t in enumerate(ts):
+        angles = [t * 10000 ** (-i / (half - 1)) for i in range(half)]
+        ref = torch.tensor([math.sin(a) for a in angles] + [math.cos(a) for a in angles], dtype=torch.float64)
+        err = (emb[row].double() - ref).abs().max().item()
+        assert err <= float32_angle_tol(t), (t, err)
+
+
+@pytest.mark.parametrize("dim", [2, 16, 128])
+def test_transformer_timestep_embedding_is_the_interleaved_formula(dim):
+    """The embedding before the paper's (checkpoints without model.time_embedding):
+    PE(t, 2i) = sin(t / 10000^(2i/d)), PE(t, 2i+1) = cos(t / 10000^(2i/d))."""
+    ts = [0, 1, 2, 17, 500, 999]
+    emb = timestep_embedding(torch.tensor(ts), dim, "transformer")
     assert emb.shape == (len(ts), dim) and emb.dtype == torch.float32
     for row, t in enumerate(ts):
         ref = []
         for i in range(dim // 2):
             angle = t / 10000 ** (2 * i / dim)
-            ref += [math.sin(angle), math.cos(angle)]   # PE(t, 2i) = sin, PE(t, 2i+1) = cos
-        ref = torch.tensor(ref, dtype=torch.float64)
-        # the float32 angle t * 10000^(-2i/d) has a relative error of a few 2^-24, i.e. an absolute one of
-        # about t * 4 * 6e-8 (up to 2.4e-4 at t = 999); sin and cos pass it on unamplified
-        tol = 1e-6 + 4 * 2.0 ** -24 * t
-        err = (emb[row].double() - ref).abs().max().item()
-        assert err <= tol, (t, err, tol)
+            ref += [math.sin(angle), math.cos(angle)]
+        err = (emb[row].double() - torch.tensor(ref, dtype=torch.float64)).abs().max().item()
+        assert err <= float32_angle_tol(t), (t, err)
 
 
 def test_timestep_embedding_accepts_float_steps():
-    emb = timestep_embedding(torch.tensor([0.5, 2.25]), 4)
+    emb = timestep_embedding(torch.tensor([0.5, 2.25]), 4, "transformer")
     ref = [[math.sin(0.5), math.cos(0.5), math.sin(0.5 / 100), math.cos(0.5 / 100)],
            [math.sin(2.25), math.cos(2.25), math.sin(2.25 / 100), math.cos(2.25 / 100)]]
+    assert torch.allclose(emb.double(), torch.tensor(ref, dtype=torch.float64), rtol=0, atol=1e-6)
+    emb = timestep_embedding(torch.tensor([0.5, 2.25]), 4, "ddpm")   # w = 1, 1/10000
+    ref = [[math.sin(0.5), math.sin(0.5e-4), math.cos(0.5), math.cos(0.5e-4)],
+           [math.sin(2.25), math.sin(2.25e-4), math.cos(2.25), math.cos(2.25e-4)]]
     assert torch.allclose(emb.double(), torch.tensor(ref, dtype=torch.float64), rtol=0, atol=1e-6)
 
 
@@ -54,7 +84,7 @@ def test_timestep_embedding_accepts_float_steps():
 @pytest.mark.parametrize("channels, heads", [(8, 1), (8, 2), (12, 4)])
 def test_attention_against_float64_reference(channels, heads):
     torch.manual_seed(1)
-    attn = perturb_zero_params(Attention(channels, heads), std=0.2).double()
+    attn = perturb_zero_params(Attention(channels, heads, eps=1e-6), std=0.2).double()
     with torch.no_grad():
         for p in (attn.norm.weight, attn.norm.bias):
             p.copy_(torch.randn(p.shape, dtype=torch.float64) * 0.3 + (1.0 if p is attn.norm.weight else 0.0))
@@ -87,12 +117,69 @@ def test_resblock_uses_the_time_embedding():
     subtracts every per-channel constant, which would make the network blind to t and y)."""
     for in_ch, out_ch in [(16, 16), (16, 32), (32, 32), (64, 64)]:
         torch.manual_seed(2)
-        block = perturb_zero_params(ResBlock(in_ch, out_ch, emb_dim=8, dropout=0.0))
+        block = perturb_zero_params(ResBlock(in_ch, out_ch, emb_dim=8, dropout=0.0, eps=1e-6))
         x = torch.randn(2, in_ch, 6, 6)
         with torch.no_grad():
             a = block(x, torch.randn(2, 8))
             b = block(x, torch.randn(2, 8))
         assert (a - b).abs().max() > 1e-2, (in_ch, out_ch)
+
+
+@pytest.mark.parametrize("padding", ["same", "symmetric"])
+def test_downsample_padding_against_a_float64_sum(padding):
+    """out[o, i, j] = b[o] + sum_{c,u,v} w[o, c, u, v] xp[c, 2i + u, 2j + v], where xp is x padded with zeros:
+    'same' (TensorFlow's 'SAME', the paper's code) by one row/column at the bottom/right, 'symmetric' on every side."""
+    torch.manual_seed(3)
+    down = Downsample(2, padding).double()
+    x = torch.randn(1, 2, 6, 4, dtype=torch.float64)
+    with torch.no_grad():
+        out = down(x)
+    before = 0 if padding == "same" else 1
+    xp = torch.zeros(2, 6 + before + 1, 4 + before + 1, dtype=torch.float64)
+    xp[:, before:before + 6, before:before + 4] = x[0]
+    w, b = down.conv.weight, down.conv.bias
+    assert out.shape == (1, 2, 3, 2)
+    for o in range(2):
+        for i in range(3):
+            for j in range(2):
+                ref = b[o] + sum(w[o, c, u, v] * xp[c, 2 * i + u, 2 * j + v]
+                                 for c in range(2) for u in range(3) for v in range(3))
+                assert abs(out[0, o, i, j].item() - ref.item()) < 1e-12, (o, i, j)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-5])
+def test_group_norm_eps_against_a_float64_formula(eps):
+    """(x - mean) / sqrt(var + eps) per group; on an input of variance ~1e-6 the two choices of eps differ a lot."""
+    x = (torch.randn(2, 8, 3, 3, dtype=torch.float64) * 1e-3)
+    norm = group_norm(8, eps).double()
+    with torch.no_grad():
+        out = norm(x)
+    g = x.reshape(2, norm.num_groups, -1)
+    ref = ((g - g.mean(-1, keepdim=True)) / (g.var(-1, unbiased=False, keepdim=True) + eps).sqrt()).reshape(x.shape)
+    assert torch.allclose(out, ref, rtol=1e-10, atol=1e-12)
+    other = group_norm(8, 1e-5 if eps == 1e-6 else 1e-6).double()
+    assert (other(x) - out).abs().max() > 0.1
+
+
+def test_the_paper_choices_are_the_defaults_and_reach_every_layer():
+    for m in (ModelConfig(), load_config(None).model, load_config(CONFIG).model):
+        assert (m.time_embedding, m.downsample_padding, m.norm_eps) == ("ddpm", "same", 1e-6)
+    for fields, pad, eps in [({}, (0, 1, 0, 1), 1e-6),
+                             (dict(downsample_padding="symmetric", norm_eps=1e-5), None, 1e-5)]:
+        model = tiny(**fields)
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+        assert len(norms) > 10 and all(n.eps == eps for n in norms)
+        downs = [m for m in model.modules() if isinstance(m, Downsample)]
+        assert downs and all(d.pad == pad and d.conv.padding == ((0, 0) if pad else (1, 1)) for d in downs)
+
+
+def test_base_channels_must_suit_the_time_embedding():
+    for bad in ("model.base_channels=2", "model.base_channels=15"):
+        with pytest.raises(UserError, match="model.base_channels"):
+            load_config(None, TINY_OVERRIDES + [bad])
+    load_config(None, TINY_OVERRIDES + ["model.base_channels=2", "model.time_embedding=transformer"])
+    with pytest.raises(UserError, match="model.norm_eps"):
+        load_config(None, TINY_OVERRIDES + ["model.norm_eps=0"])
 
 
 # ---- the U-Net -------------------------------------------------------------------------------------------------
@@ -178,7 +265,7 @@ def test_num_heads_must_divide_the_channels():
     with pytest.raises(ValueError, match="num_heads"):
         tiny(num_heads=3)   # 32 channels at 8x8 (the attention resolution)
     with pytest.raises(ValueError, match="num_heads"):
-        Attention(10, 4)
+        Attention(10, 4, eps=1e-6)
     model = tiny(num_heads=4)  # 4 divides 16 and 32
     with torch.no_grad():
         assert model(torch.randn(1, 3, 16, 16), torch.tensor([1])).shape == (1, 3, 16, 16)
@@ -333,7 +420,10 @@ def test_check_same_architecture_names_the_field():
                             ("model.num_classes=10", "model.num_classes"),
                             ("data.channels=1", "data.channels"),
                             ("data.image_size=32", "data.image_size"),
-                            ("diffusion.timesteps=30", "diffusion.timesteps")]:
+                            ("diffusion.timesteps=30", "diffusion.timesteps"),
+                            ("model.time_embedding=transformer", "model.time_embedding"),
+                            ("model.downsample_padding=symmetric", "model.downsample_padding"),
+                            ("model.norm_eps=1e-5", "model.norm_eps")]:
         other = load_config(None, TINY_OVERRIDES + [override])
         with pytest.raises(UserError) as e:
             check_same_architecture(ckpt, other, "x.pt")
@@ -344,3 +434,57 @@ def test_check_same_architecture_names_the_field():
             if f != field:
                 assert f not in msg, (override, msg)
 
+
+
+# ---- checkpoints from before the model options -----------------------------------------------------------------
+
+LEGACY = os.path.join(ROOT, "tests", "data")
+
+
+def test_a_stored_config_without_the_options_means_the_old_network(tmp_path):
+    path = tiny_checkpoint(tmp_path / "new.pt")
+    ckpt = load_checkpoint(path)
+    assert {k: ckpt["config"]["model"][k] for k in BEFORE_MODEL_OPTIONS} == {
+        "time_embedding": "ddpm", "downsample_padding": "same", "norm_eps": 1e-6}  # a new one keeps its own
+    for k in BEFORE_MODEL_OPTIONS:
+        del ckpt["config"]["model"][k]
+    save_checkpoint(ckpt, str(tmp_path / "old.pt"))
+    old = load_checkpoint(str(tmp_path / "old.pt"))
+    assert old["config"]["model"]["time_embedding"] == "transformer"
+    assert old["config"]["model"]["downsample_padding"] == "symmetric"
+    assert old["config"]["model"]["norm_eps"] == 1e-5
+    cfg, model, _ = model_from_checkpoint(old, "cpu")
+    assert model.time_embedding == "transformer" and cfg.model.norm_eps == 1e-5
+    assert all(n.eps == 1e-5 for n in model.modules() if isinstance(n, torch.nn.GroupNorm))
+    assert all(d.pad is None for d in model.modules() if isinstance(d, Downsample))
+    # resuming it under today's defaults is refused, naming the option
+    with pytest.raises(UserError, match="model.time_embedding"):
+        check_same_architecture(old, load_config(None, TINY_OVERRIDES), "old.pt")
+
+
+def test_an_old_checkpoint_gives_the_images_it_gave():
+    """tests/data/legacy_tiny.pt and the outputs it gave were written by the code of commit c8364ef, before the
+    options existed (tests/data/make_legacy_checkpoint.py). Float32 on another CPU may differ in the last bits;
+    any one of the paper's options changes them by far more than the tolerance."""
+    expected = torch.load(os.path.join(LEGACY, "legacy_tiny_expected.pt"), weights_only=True)
+    ckpt = load_checkpoint(os.path.join(LEGACY, "legacy_tiny.pt"))
+    assert not set(BEFORE_MODEL_OPTIONS) & set(torch.load(os.path.join(LEGACY, "legacy_tiny.pt"),
+                                                          weights_only=True)["config"]["model"])
+
+    def outputs(overrides=()):
+        _, model, diffusion = model_from_checkpoint(ckpt, "cpu", overrides=overrides)
+        x_t, steps = expected["x_T"], expected["steps"]
+        with torch.no_grad():
+            eps = model(expected["x"], expected["t"])
+            for s, s_prev in zip(steps, steps[1:] + [-1]):
+                x_t, _ = diffusion.ddim_step(diffusion.denoiser(model), x_t, torch.full((2,), s),
+                                             torch.full((2,), s_prev), torch.zeros_like(x_t), 0.0)
+        return eps, x_t
+
+    eps, images = outputs()  # identical on the machine that wrote them
+    assert (eps - expected["eps"]).abs().max() < 2e-6
+    assert (images - expected["images"]).abs().max() < 2e-6
+    # each of the paper's choices alone moves the outputs by 1.3e-4 (eps) to 1.8 (padding)
+    for option in ("model.time_embedding=ddpm", "model.downsample_padding=same", "model.norm_eps=1e-6"):
+        eps, _ = outputs([option])
+        assert (eps - expected["eps"]).abs().max() > 5e-5, option

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import ROOT, assert_one_line_error, run_script, tiny_checkpoint
+from helpers import ROOT, TinyExtractor, assert_one_line_error, run_script, tiny_checkpoint
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
@@ -268,14 +268,12 @@ def test_converted_checkpoint_samples_and_fine_tunes(tmp_path, monkeypatch, smal
 
 
 def test_converted_checkpoint_evaluates(tmp_path, monkeypatch, small_src):
-    from test_evaluate import TinyExtractor, use_extractor
-
     import evaluate
     monkeypatch.chdir(tmp_path)
     ckpt = str(tmp_path / "paper.pt")
     run("from-diffusers", small_src, "--out", ckpt, "data.dataset=shapes", "data.num_images=8")
-    extractor = use_extractor(monkeypatch, TinyExtractor())
-    evaluate.main(["--ckpt", ckpt, "--n", "4", "--steps", "2", "--batch-size", "4"])
+    extractor = TinyExtractor()
+    evaluate.main(["--ckpt", ckpt, "--n", "4", "--steps", "2", "--batch-size", "4"], extractor=extractor)
     record = json.loads((tmp_path / "results" / "paper" / "metrics.json").read_text())[-1]
     assert record["n"] == 4 and record["fid"] > 0 and extractor.seen == 4 + 8
 

@@ -133,8 +133,9 @@ def test_resumed_folder_equals_one_made_in_one_go(ckpt, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         save_png(image, path)
     monkeypatch.setattr(sampling, "save_png", save_four_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:  # Ctrl-C: one line and exit code 130
         run(*argv, "--save-dir", tmp_path / "resumed")
+    assert e.value.code == 130
     monkeypatch.undo()
     os.remove(tmp_path / "resumed" / "0000001.png")  # and a gap: image 1 lost
     assert names(tmp_path / "resumed") == [f"{i:07d}.png" for i in (0, 2, 3)]

@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--ode-n", type=int, default=1024, help="ODE part: draws of x_T")
     p.add_argument("--ckpt", help="a checkpoint, e.g. checkpoints/quickstart/last.pt")
     p.add_argument("--ckpt-steps", default="10,20", help="checkpoint part: steps of the fast samplers")
-    p.add_argument("--n", type=int, default=64, help="checkpoint part: images (one batch)")
+    p.add_argument("--n", type=int, default=16, help="checkpoint part: images (one batch)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = p.parse_args(argv)
     args.parts = args.parts.split(",") if args.parts else ["ode"] + (["ckpt"] if args.ckpt else [])

@@ -93,9 +93,12 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: Literal["ddpm", "ddim"] = "ddim"
-    steps: int = 100                # DDIM steps (DDPM always takes all T)
-    eta: float = 0.0
+    sampler: Literal["ddpm", "ddim", "dpmpp"] = "ddim"
+    steps: int = 100                # network calls of DDIM and DPM-Solver++ (DDPM always takes all T)
+    eta: float = 0.0                # DDIM only: 0 deterministic, 1 DDPM-like
+    order: int = 2                  # DPM-Solver++: 1 (= DDIM with eta 0), 2 (2M) or 3 (3M)
+    spacing: Literal["linspace", "trailing", "logsnr"] = "linspace"  # DDIM and DPM-Solver++ timesteps
+    dynamic_threshold: bool = False  # Imagen's dynamic thresholding of the predicted x_0 (percentile 0.995)
     n: int = 64
     batch_size: int = 256
     seed: int = 0
@@ -224,14 +227,22 @@ def validate(cfg: Config) -> Config:
     _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     _check(0.0 <= t.cond_drop_prob < 1.0, f"train.cond_drop_prob must be in [0, 1), got {t.cond_drop_prob}")
-    _check(1 <= s.steps <= df.timesteps,
-           f"sample.steps must be between 1 and diffusion.timesteps={df.timesteps}, got {s.steps}")
+    _validate_sample(s, df.timesteps, m.num_classes)
+    return cfg
+
+
+def _validate_sample(s: SampleConfig, timesteps: int, num_classes) -> None:
+    _check(1 <= s.steps <= timesteps,
+           f"sample.steps must be between 1 and diffusion.timesteps={timesteps}, got {s.steps}")
     _check(s.eta >= 0, f"sample.eta must be >= 0, got {s.eta}")
+    _check(1 <= s.order <= 3, f"sample.order (--order) must be 1, 2 or 3, got {s.order}")
+    _check(s.sampler != "dpmpp" or s.eta == 0,
+           f"sample.eta={s.eta} (--eta) is for DDIM; DPM-Solver++ (sample.sampler=dpmpp) is deterministic, "
+           "so leave eta at 0")
     _check(s.n >= 1 and s.batch_size >= 1, "sample.n and sample.batch_size must be at least 1")
-    _check(m.num_classes is not None or s.guidance_scale == 1.0,
+    _check(num_classes is not None or s.guidance_scale == 1.0,
            f"sample.guidance_scale={s.guidance_scale} (--guidance-scale) needs a class-conditional model; this one "
            "has model.num_classes null (trained without labels)")
-    return cfg
 
 
 def check_batch_split(train: TrainConfig, world: int = 1) -> None:

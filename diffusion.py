@@ -30,6 +30,20 @@ def cosine_beta_schedule(timesteps: int, s: float = 0.008, max_beta: float = 0.9
     return np.minimum(1 - alphas_cumprod[1:] / alphas_cumprod[:-1], max_beta)
 
 
+def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3), per image: s = max(1, the `percentile`
+    quantile of |x_0|), x_0 = clamp(x_0, -s, s) / s. Pixels that saturate are pulled in instead of clipped.
+
+    The quantile interpolates linearly between order statistics (numpy's default); it is taken from a sort
+    because torch.quantile refuses inputs of more than 2^24 elements, which a batch of large images exceeds."""
+    flat = x0.abs().flatten(1).sort(dim=1).values
+    pos = percentile * (flat.shape[1] - 1)
+    lo, frac = int(pos), pos - int(pos)
+    q = flat[:, lo] if frac == 0 else torch.lerp(flat[:, lo], flat[:, lo + 1], frac)
+    s = q.clamp(min=1).reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
 def extract(a: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     """a[t] reshaped to (B, 1, 1, ...) so it broadcasts against a batch of images."""
     return a.gather(0, t).reshape(-1, *([1] * (ndim - 1)))
@@ -53,6 +67,7 @@ class GaussianDiffusion(nn.Module):
         else:
             raise ValueError(f"unknown beta schedule '{cfg.beta_schedule}'")
         alphas_cumprod = np.cumprod(1.0 - betas)
+        self.alphas_cumprod64 = alphas_cumprod  # float64 on the host: the samplers' step coefficients use it
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
         # q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta-tilde_t I)   (DDPM eq. 6-7)
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
@@ -122,9 +137,11 @@ class GaussianDiffusion(nn.Module):
 
     # ---- sampling ----------------------------------------------------------------------------------------
 
-    def predict(self, model, x_t, t, cond=None, guidance_scale=1.0):
+    def predict(self, model, x_t, t, cond=None, guidance_scale=1.0, threshold=False):
         """The model's (eps, x_0) at x_t. With a condition and guidance_scale w != 1, classifier-free guidance:
-        eps = eps_uncond + w (eps_cond - eps_uncond), both from one batched forward pass of 2B."""
+        eps = eps_uncond + w (eps_cond - eps_uncond), both from one batched forward pass of 2B.
+        x_0 is then dynamically thresholded (`threshold`, see dynamic_threshold) or clipped to [-1, 1]
+        (`clip_denoised`), and eps recomputed from it, so that every sampler's update sees one consistent pair."""
         if cond is not None and guidance_scale != 1.0:
             x_in, t_in = torch.cat([x_t, x_t]), torch.cat([t, t])
             out = model(x_in, t_in, torch.cat([cond, model.null_condition(cond)])).float()
@@ -133,15 +150,15 @@ class GaussianDiffusion(nn.Module):
         else:
             eps = self._to_eps(x_t, t, model(x_t, t, cond).float())
         x0 = self.predict_x0_from_eps(x_t, t, eps)
-        if self.clip_denoised:
-            # recompute eps from the clipped x_0 so that the DDIM update stays consistent with it
-            x0 = x0.clamp(-1, 1)
+        if threshold or self.clip_denoised:  # thresholding leaves |x_0| <= 1, so clipping after it does nothing
+            x0 = dynamic_threshold(x0) if threshold else x0.clamp(-1, 1)
             eps = self.predict_eps_from_x0(x_t, t, x0)
         return eps, x0
 
-    def denoiser(self, model, cond=None, guidance_scale=1.0):
-        """denoise(x_t, t) -> (eps, x_0): `predict` with the network and its condition bound, for the samplers."""
-        return functools.partial(self.predict, model, cond=cond, guidance_scale=guidance_scale)
+    def denoiser(self, model, cond=None, guidance_scale=1.0, threshold=False):
+        """denoise(x_t, t) -> (eps, x_0): `predict` with the network, its condition and the thresholding bound,
+        for the samplers."""
+        return functools.partial(self.predict, model, cond=cond, guidance_scale=guidance_scale, threshold=threshold)
 
     def _to_eps(self, x_t, t, out):
         if self.objective == "eps":

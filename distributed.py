@@ -1,9 +1,11 @@
 """Several processes under torchrun: joining the process group, and waiting for each other.
 
     rank, world, device = setup_distributed("auto")   # (0, 1, device) without torchrun
+    ...
+    close_distributed(world)                          # at the end, also after an error
 
 One process per GPU (NCCL), or per CPU slot (gloo). The scripts that can run under torchrun (train.py,
-sample.py, evaluate.py) call this first and destroy the group when they end.
+sample.py, evaluate.py) call this first and leave the group when they end.
 """
 import datetime
 import os
@@ -59,3 +61,9 @@ def wait_for_all(world: int) -> None:
     """A barrier: every rank waits here until all have arrived (for rank 0's files, say, or before teardown)."""
     if world > 1:
         dist.barrier()
+
+
+def close_distributed(world: int) -> None:
+    """Leave the process group (at the end of a script that called setup_distributed)."""
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()

@@ -4,6 +4,8 @@
     python sample.py --ckpt ... --n 50000 --save-dir results/cifar10/samples   # one PNG each, resumable
     python sample.py --ckpt ... --process process.png --gif denoise.gif --forward forward.png
     python sample.py --ckpt ... --class-label all --guidance-scale 3     # class-conditional checkpoints
+    python sample.py --ckpt ... --sampler dpmpp --steps 20               # DPM-Solver++(2M), 20 network calls
+    torchrun --nproc_per_node=4 sample.py --ckpt ... --n 50000 --save-dir DIR   # the folder's batches split over 4
 
 Defaults come from the `sample` section of the checkpoint's config; a flag given on the command line
 wins, and `sample.field=value` arguments override that section too (e.g. sample.precision=fp32, or
@@ -12,7 +14,7 @@ train.compile=false to skip torch.compile on the GPU). EMA weights are used unle
 Reproducibility: the images of a batch come from a generator seeded by (seed, first index, batch size),
 with batches aligned on multiples of --batch-size. So the same seed, checkpoint and device give the same
 images, and a --save-dir run that was interrupted and run again ends with exactly the files of one
-uninterrupted run (keep --batch-size the same when resuming).
+uninterrupted run (keep --batch-size the same when resuming), whatever the number of processes of either.
 """
 import dataclasses
 import os
@@ -23,6 +25,7 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from diffusion import GaussianDiffusion
+from distributed import close_distributed, setup_distributed, wait_for_all
 from samplers import sampler_timesteps
 from sampling import (
     add_sampler_flags,
@@ -43,7 +46,6 @@ from utils import (
     check_writable,
     cli,
     make_grid,
-    resolve_device,
     save_grid,
     to_pil,
     to_uint8,
@@ -125,7 +127,8 @@ def save_forward(cfg, path, schedules, n, seed) -> None:
 def parse_args(argv=None):
     p = ArgumentParser(description="Sample images from a trained DDPM checkpoint.", allow_abbrev=False)
     p.add_argument("--ckpt", required=True, help="checkpoint, e.g. checkpoints/cifar10/last.pt")
-    p.add_argument("--n", type=int, help="number of images (sample.n)")
+    # torchrun's own parser reads --n as an abbreviation of its options: under torchrun write --num-images
+    p.add_argument("--n", "--num-images", dest="n", type=int, help="number of images (sample.n)")
     add_sampler_flags(p)
     p.add_argument("--class-label", help="class-conditional only: K, K1,K2,... (cycled), or 'all' "
                                          "(one grid row per class); default: cycle over all classes")
@@ -142,27 +145,26 @@ def parse_args(argv=None):
     return p.parse_intermixed_args(argv)
 
 
-@cli
-def main(argv=None):
-    args = parse_args(argv)
-    device = resolve_device(args.device)
+def load(args, device, say):
+    """(cfg, model, diffusion, labels, nrow) of --ckpt with the command line's settings; cfg.sample.n is the
+    number of images (a multiple of the classes with --class-label all)."""
     ckpt = load_checkpoint(args.ckpt)
     flags = sampler_overrides(args) + ([f"sample.n={args.n}"] if args.n is not None else [])
     cfg, model, diffusion = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema,
                                                   overrides=args.overrides + flags)
     del ckpt  # the weights now live in the model
-    s = cfg.sample
-    num_classes = cfg.model.num_classes
-    labels, n, nrow = class_labels(args.class_label, num_classes, s.n)
-    if n != s.n:
-        print(f"--class-label all: {nrow} images for each of the {num_classes} classes, {n} in all")
-        s = dataclasses.replace(s, n=n)
-    # the small pictures show as many classes as they can
-    picture_labels = list(range(num_classes)) if args.class_label == "all" else labels
+    labels, n, nrow = class_labels(args.class_label, cfg.model.num_classes, cfg.sample.n)
+    if n != cfg.sample.n:
+        say(f"--class-label all: {nrow} images for each of the {cfg.model.num_classes} classes, {n} in all")
+        cfg.sample = dataclasses.replace(cfg.sample, n=n)
+    return cfg, model, diffusion, labels, nrow
+
+
+def check_outputs(args, cfg):
+    """(grid path or None, beta schedules for --forward), after checking that every output can be written."""
     schedules = (args.schedules or cfg.diffusion.beta_schedule).split(",")
     if not set(schedules) <= {"linear", "cosine"}:
         raise UserError(f"--schedules takes linear and/or cosine, comma-separated, got '{args.schedules}'")
-
     out = args.out
     if out is None and not (args.save_dir or args.process or args.gif or args.forward):
         out = os.path.join("results", cfg.name, "grid.png")
@@ -171,31 +173,60 @@ def main(argv=None):
             check_writable(path)
     if args.save_dir:
         check_writable(args.save_dir, folder=True)
+    return out, schedules
 
-    model = prepare_model(model, diffusion, cfg, device, min(s.batch_size, n), labels)
-    sampled, start_time = 0, time.perf_counter()
+
+def pictures(args, out, model, diffusion, cfg, labels, nrow, device) -> int:
+    """The grid, the process picture and the GIF that were asked for; returns the number of images sampled."""
+    s, n, sampled = cfg.sample, cfg.sample.n, 0
+    picture_labels = list(range(cfg.model.num_classes)) if args.class_label == "all" else labels
     if out:
         batches = sample_batches(model, diffusion, n, s, device, labels=cycle(labels, n))
         save_grid(torch.cat([x for _, x in batches]), out, nrow=nrow)
         sampled += n
         print(f"grid: {out}")
-    if args.save_dir:
-        before = len(existing_images(args.save_dir))
-        total = sample_to_folder(model, diffusion, args.save_dir, n, s, device, class_labels=labels)
-        sampled += total - before
-        print(f"images: {args.save_dir} ({total} images, {total - before} new)")
     if args.process:
         sampled += save_process(model, diffusion, args.process, n, picture_labels, s, device)
         print(f"process: {args.process}")
     if args.gif:
         sampled += save_gif(model, diffusion, args.gif, n, picture_labels, s, device)
         print(f"gif: {args.gif}")
+    return sampled
+
+
+def run(args, rank, world, device):
+    """Everything main does, on one of `world` processes: they share the --save-dir folder; rank 0 alone
+    makes the pictures and prints."""
+    say = print if rank == 0 else (lambda *a, **k: None)
+    cfg, model, diffusion, labels, nrow = load(args, device, say)
+    out, schedules = check_outputs(args, cfg)
+    s, n = cfg.sample, cfg.sample.n
+    model = prepare_model(model, diffusion, cfg, device, min(s.batch_size, n), labels, say)
+    sampled, start_time = 0, time.perf_counter()
+    if args.save_dir:
+        before = len(existing_images(args.save_dir))
+        total = sample_to_folder(model, diffusion, args.save_dir, n, s, device, labels, rank, world)
+        sampled += total - before
+        say(f"images: {args.save_dir} ({total} images, {total - before} new)")
+    if rank == 0:
+        sampled += pictures(args, out, model, diffusion, cfg, labels, nrow, device)
     elapsed = time.perf_counter() - start_time
-    if args.forward:
+    if args.forward and rank == 0:
         save_forward(cfg, args.forward, schedules, n, s.seed)
         print(f"forward: {args.forward}")
     if sampled:
-        print(f"sampled {sampled} images in {elapsed:.1f} s ({sampled / elapsed:.3g} images/s)")
+        say(f"sampled {sampled} images in {elapsed:.1f} s ({sampled / elapsed:.3g} images/s)")
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    try:
+        run(args, rank, world, device)
+        wait_for_all(world)  # the other ranks wait for rank 0's pictures before the group is taken down
+    finally:
+        close_distributed(world)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,16 @@
     sample_to_folder(model, diffusion, "results/x/fid50k", 50_000, cfg.sample, device)  # resumable
 
 The sampler settings travel as one object, the config's `sample` section (config.SampleConfig): the
-sampler, its steps and eta, the seed, the batch size, the guidance scale and the precision.
+sampler, its steps, eta, order and timestep spacing, dynamic thresholding, the seed, the batch size, the
+guidance scale and the precision.
 
 Reproducibility: the images of a batch come from a generator seeded by (seed, first index, batch size),
 with batches aligned on multiples of the batch size. So the same seed, checkpoint and device give the
 same images, and a folder that was interrupted and filled again ends with exactly the files of one
-uninterrupted run (with the same batch size).
+uninterrupted run (with the same batch size). Under torchrun the batches of a folder are split over the
+processes, which changes nothing in the files either.
 """
+import argparse
 import contextlib
 import dataclasses
 import os
@@ -19,7 +22,8 @@ import re
 import numpy as np
 import torch
 
-from samplers import sample_loop
+from distributed import wait_for_all
+from samplers import SPACINGS, sample_loop
 from utils import UserError, autocast_dtype, enable_tf32, first_call_or_fallback, to_pil, to_uint8, writing
 
 FILE_NAME = re.compile(r"\d{7,}\.png")  # 0000000.png, 0000001.png, ... as written by sample_to_folder
@@ -35,7 +39,7 @@ def generate(model, diffusion, n, s, generator, device, cond=None, record=()):
     device = torch.device(device)
     shape = (n, model.image_channels, model.image_size, model.image_size)
     x_T = torch.randn(shape, generator=generator, device=device)
-    denoise = diffusion.denoiser(model, cond, s.guidance_scale)
+    denoise = diffusion.denoiser(model, cond, s.guidance_scale, s.dynamic_threshold)
     dtype = autocast_dtype(s.precision, device)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         out = sample_loop(diffusion, denoise, x_T, s, generator, record=record)
@@ -89,40 +93,50 @@ def save_png(image: torch.Tensor, path: str) -> None:
             raise
 
 
-def sample_to_folder(model, diffusion, folder, n, s, device, class_labels=None) -> int:
+def sample_to_folder(model, diffusion, folder, n, s, device, class_labels=None, rank=0, world=1) -> int:
     """Make `folder` hold images 0000000.png .. (n-1).png, generating only the ones not there yet.
 
     Images that exist are never overwritten. Image i comes from the batch that starts at the multiple of
     s.batch_size below i, with its own generator (see batch_generator), so a resumed run writes the same
     files as an uninterrupted one. class_labels: None (the null label on a conditional model), or labels
-    cycled over the n images (a 1-D tensor of length n, or a list). Returns the number of images in the
-    folder afterwards."""
+    cycled over the n images (a 1-D tensor of length n, or a list). Under torchrun (`world` processes) each
+    rank makes every world-th of the missing batches, rank 0 shows the progress of the whole folder, and
+    all ranks wait for each other at the end. Returns the number of images in the folder afterwards."""
     from tqdm import tqdm
     os.makedirs(folder, exist_ok=True)
     done = existing_images(folder)
+    wait_for_all(world)  # every rank has listed the folder before any writes to it: they split the same batches
     missing = [i for i in range(n) if i not in done]
-    starts = sorted({i - i % s.batch_size for i in missing})
+    starts = sorted({i - i % s.batch_size for i in missing})[rank::world]
     batches = sample_batches(model, diffusion, n, s, device, starts, cycle(class_labels, n))
-    with tqdm(total=len(missing), unit="img", desc="sampling") as bar:
+    with tqdm(total=len(missing), unit="img", desc="sampling", disable=rank != 0) as bar:
         for start, x in batches:
             for j, image in enumerate(to_uint8(x)):
                 if start + j not in done:
                     save_png(image, os.path.join(folder, f"{start + j:07d}.png"))
-                    bar.update(1)
+            if rank == 0:  # the files of every process count
+                bar.update(len(existing_images(folder) & set(range(n))) - (n - len(missing)) - bar.n)
+    wait_for_all(world)
     return len(existing_images(folder))
 
 
 # ---- what the command lines share -----------------------------------------------------------------------
 
-SAMPLER_FLAGS = ("sampler", "steps", "eta", "seed", "batch_size", "guidance_scale")
+SAMPLER_FLAGS = ("sampler", "steps", "eta", "order", "spacing", "dynamic_threshold", "seed", "batch_size",
+                 "guidance_scale")
 
 
 def add_sampler_flags(p) -> None:
     """The sampling flags of sample.py and evaluate.py; each is shorthand for a sample.<field> override
     and defaults to the checkpoint's value."""
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], help="sample.sampler")
-    p.add_argument("--steps", type=int, help="DDIM steps, 1..T (sample.steps); DDPM always takes all T")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], help="sample.sampler (dpmpp: DPM-Solver++)")
+    p.add_argument("--steps", type=int, help="network calls of DDIM and DPM-Solver++, 1..T (sample.steps); "
+                                             "DDPM always takes all T")
     p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 like DDPM (sample.eta)")
+    p.add_argument("--order", type=int, help="DPM-Solver++ order 1, 2 or 3 (sample.order)")
+    p.add_argument("--spacing", choices=SPACINGS, help="DDIM and DPM-Solver++ timesteps (sample.spacing)")
+    p.add_argument("--dynamic-threshold", action=argparse.BooleanOptionalAction,
+                   help="Imagen's dynamic thresholding of the predicted x_0 (sample.dynamic_threshold)")
     p.add_argument("--seed", type=int, help="sample.seed")
     p.add_argument("--batch-size", type=int, help="images per sampler run (sample.batch_size)")
     p.add_argument("--guidance-scale", type=float,
@@ -158,10 +172,10 @@ def class_labels(spec, num_classes, n):
     return labels, n, None
 
 
-def prepare_model(model, diffusion, cfg, device, n, labels):
+def prepare_model(model, diffusion, cfg, device, n, labels, say=print):
     """The network to sample with. On CUDA: TF32, channels-last and, when train.compile is 'auto' or true,
     torch.compile, compiled now at the first batch's shape (n images, labels cycled); the eager network
-    if compiling fails."""
+    if compiling fails. `say` prints the messages (a no-op on the ranks other than 0)."""
     if device.type != "cuda":
         return model
     enable_tf32(device)
@@ -169,11 +183,11 @@ def prepare_model(model, diffusion, cfg, device, n, labels):
     if cfg.train.compile is False:
         return model
     cond = None if labels is None else cycle(labels, n).to(device)
-    print("compiling the model (train.compile=false skips this)")
+    say("compiling the model (train.compile=false skips this)")
     compiled = torch.compile(model)
     one_step = dataclasses.replace(cfg.sample, sampler="ddim", steps=1, eta=0.0)
 
     def compile_now():  # one DDIM step at the first batch's shape, so that a failure shows here
         generate(compiled, diffusion, n, one_step, None, device, cond)
         return compiled
-    return first_call_or_fallback(compile_now, lambda: model, print, "sampling without it")
+    return first_call_or_fallback(compile_now, lambda: model, say, "sampling without it")

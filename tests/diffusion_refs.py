@@ -98,3 +98,29 @@ class ExactEps(nn.Module):
     def forward(self, x, t, y=None):
         a = self.abar[t].reshape(-1, 1, 1, 1)
         return ((x.double() - a.sqrt() * self.x0) / (1 - a).sqrt()).float()
+
+
+class GaussianEps(nn.Module):
+    """Data with a known score: x_0 ~ N(mu, s^2 I). With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t),
+    x_t ~ N(alpha_t mu, (alpha_t^2 s^2 + sigma_t^2) I), so the optimal noise prediction E[eps | x_t] is
+    eps(x_t, t) = sigma_t (x_t - alpha_t mu) / (alpha_t^2 s^2 + sigma_t^2), computed in float64. Its
+    probability-flow ODE keeps z = (x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2) fixed, which gives the
+    exact solution `exact_x0`. `wiggle` adds wiggle * tanh(x_t): then it is no longer optimal, but a smooth
+    nonlinear stand-in network on which two implementations of a solver can be compared."""
+
+    num_classes = None
+
+    def __init__(self, abar64, mu=0.3, s=0.5, wiggle=0.0):
+        super().__init__()
+        self.abar = torch.tensor(np.asarray(abar64), dtype=torch.float64)
+        self.mu, self.s, self.wiggle = mu, s, wiggle
+
+    def forward(self, x, t, y=None):
+        a = self.abar[t].reshape(-1, *([1] * (x.ndim - 1)))
+        alpha, sigma, x = a.sqrt(), (1 - a).sqrt(), x.double()
+        return (sigma * (x - alpha * self.mu) / (a * self.s ** 2 + sigma ** 2) + self.wiggle * torch.tanh(x)).float()
+
+    def exact_x0(self, x_T):
+        """x_0 = mu + s (x_T - alpha_T mu) / sqrt(alpha_T^2 s^2 + sigma_T^2), float64 (x_T at index T-1)."""
+        a = self.abar[-1]
+        return self.mu + self.s * (x_T.double() - a.sqrt() * self.mu) / (a * self.s ** 2 + 1 - a).sqrt()

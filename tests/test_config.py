@@ -163,6 +163,9 @@ def test_unknown_section_and_field():
     ("data.hflip=maybe", "data.hflip"),
     ("diffusion.beta_schedule=quadratic", "diffusion.beta_schedule"),
     ("sample.sampler=euler", "sample.sampler"),
+    ("sample.spacing=karras", "sample.spacing"),
+    ("sample.order=2.5", "sample.order"),
+    ("sample.dynamic_threshold=sometimes", "sample.dynamic_threshold"),
     ("train.batch_size=[64]", "train.batch_size"),
 ])
 def test_wrong_type_names_the_key(override, key):
@@ -200,6 +203,9 @@ def test_wrong_type_in_a_yaml_file(tmp_path):
     (["diffusion.timesteps=1", "sample.steps=1"], ["diffusion.timesteps", "at least 2"]),
     (["model.num_heads=3"], ["model.num_heads=3", "256"]),  # cifar10: 256 channels at 16x16 and in the middle
     (["sample.guidance_scale=2"], ["sample.guidance_scale", "class-conditional"]),
+    (["sample.order=4"], ["sample.order", "1, 2 or 3"]),
+    (["sample.order=0"], ["sample.order", "1, 2 or 3"]),
+    (["sample.sampler=dpmpp", "sample.eta=0.5"], ["sample.eta", "DPM-Solver++", "deterministic"]),
 ])
 def test_out_of_range_values_raise(overrides, fragments):
     raises_config_error(overrides, *fragments)
@@ -271,3 +277,14 @@ def test_schedule_warning_when_x_T_keeps_signal(timesteps, schedule, warns):
         signal = math.sqrt(math.prod(1 - b for b in betas))
         assert f"x_T = {signal:.2f} x_0" in warning and "beta_schedule=cosine" in warning
         assert "\n" not in warning
+
+
+def test_stored_configs_without_the_new_sampler_fields_take_the_defaults():
+    """A checkpoint's config from before sample.order, sample.spacing and sample.dynamic_threshold existed."""
+    d = to_dict(load_config(None))
+    for key in ("order", "spacing", "dynamic_threshold"):
+        del d["sample"][key]
+    s = config_from_dict(d).sample
+    assert (s.order, s.spacing, s.dynamic_threshold) == (2, "linspace", False)
+    s = config_from_dict(d, ["sample.sampler=dpmpp", "sample.order=3", "sample.spacing=logsnr"]).sample
+    assert (s.sampler, s.order, s.spacing, s.eta) == ("dpmpp", 3, "logsnr", 0.0)

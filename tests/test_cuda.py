@@ -1,6 +1,7 @@
 """The CUDA paths: the GPU-resident batches, torch.compile, bf16 and fp16, channels_last, exact resume,
 sampling, and train.py + sample.py end to end. Skipped without a GPU (as in CI); on a GPU machine run
 `python3 -m pytest -q tests/test_cuda.py`."""
+import copy
 import os
 
 import pytest
@@ -14,6 +15,7 @@ from config import SampleConfig, load_config
 from dataset import Batches, build_dataset
 from diffusion import GaussianDiffusion
 from model import UNet
+from samplers import sample_loop
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -85,6 +87,23 @@ def test_sampling_bf16_and_compiled_agree_with_fp32_eager():
     compiled = sampling.prepare_model(model, diffusion, cfg, CUDA, 8, None)
     assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
     assert relative_error(ddim(compiled, diffusion, "fp32"), reference) < 1e-2
+
+
+def test_dpm_solver_on_cuda_agrees_with_the_cpu():
+    """DPM-Solver++ 3M with logsnr steps and dynamic thresholding (a sort per image): fp32 on the GPU as on the
+    CPU up to kernel rounding, and bf16 autocast close."""
+    cfg, model, diffusion = random_model()
+    s = SampleConfig(sampler="dpmpp", steps=6, order=3, spacing="logsnr", dynamic_threshold=True)
+    x_T = torch.randn(8, model.image_channels, model.image_size, model.image_size,
+                      generator=torch.Generator().manual_seed(0)) * 2
+
+    def run(net, diff, x, dtype=None):
+        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return sample_loop(diff, diff.denoiser(net, threshold=True), x, s).float().cpu()
+    cpu = GaussianDiffusion(cfg.diffusion)
+    reference = run(copy.deepcopy(model).cpu(), cpu, x_T)
+    assert relative_error(run(model, diffusion, x_T.to(CUDA)), reference) < 1e-3
+    assert relative_error(run(model, diffusion, x_T.to(CUDA), torch.bfloat16), reference) < 5e-2
 
 
 def test_resume_on_cuda_is_exact(tmp_path):

@@ -1,5 +1,6 @@
 """evaluate.py and metrics.py: the metrics against closed forms, and the command end to end with a small
 fixed random conv net in place of the Inception (whose real weights cannot be fetched here)."""
+import dataclasses
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from PIL import Image
 import evaluate
 import metrics
 from checkpoint import load_checkpoint, model_from_checkpoint
+from config import load_config
 from dataset import make_shapes
 
 
@@ -204,10 +206,11 @@ def test_checkpoint_end_to_end(tmp_path, monkeypatch):
     extractor = TinyExtractor()
     args = ["--ckpt", ckpt, "--n", "8", "--sampler", "ddim", "--steps", "2", "--device", "cpu", "--batch-size", "4"]
     record = evaluate.main(args, extractor=extractor)
-    folder = tmp_path / "results" / "tiny" / "samples-step0-ddim2"
+    folder = tmp_path / "results" / "tiny" / "samples-step0-ddim2-linspace"
     assert sorted(os.listdir(folder)) == [f"{i:07d}.png" for i in range(8)]
     assert extractor.seen == 8 + 64  # the samples and the checkpoint's data set (64 shapes)
     assert (record["step"], record["sampler"], record["steps"], record["eta"], record["n"]) == (0, "ddim", 2, 0.0, 8)
+    assert (record["order"], record["spacing"], record["dynamic_threshold"]) == (None, "linspace", False)
     assert record["ref"] == "shapes-train" and record["ref_n"] == 64 and np.isfinite(record["fid"])
     stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     again = evaluate.main(args, extractor=extractor)  # the samples and the reference statistics are reused
@@ -222,6 +225,7 @@ def test_conditional_checkpoint_with_guidance(tmp_path, monkeypatch):
     record = evaluate.main(["--ckpt", ckpt, "--n", "4", "--device", "cpu", "--guidance-scale", "2",
                             "--class-label", "1", "--sampler", "ddpm"], extractor=TinyExtractor())
     assert (record["guidance_scale"], record["class_label"], record["steps"], record["eta"]) == (2.0, "1", 20, None)
+    assert (record["order"], record["spacing"]) == (None, None)
     assert len(os.listdir(tmp_path / "results" / "tiny" / "samples-step0-ddpm-w2-class1")) == 4
     unconditional = tiny_checkpoint(tmp_path / "uncond.pt")
     with pytest.raises(SystemExit):
@@ -250,3 +254,57 @@ def test_fid_of_for_training(tmp_path):
     assert metrics.fid_of(model, diffusion, cfg, 8, "cpu", extractor,
                           cache_dir=str(tmp_path / "refs")) == pytest.approx(fid)  # same seed, cached reference
     assert extractor.seen == 8 + 64 + 8
+
+
+def test_dpmpp_checkpoint_and_folder_names(tmp_path, monkeypatch):
+    """--sampler dpmpp with its flags through evaluate.py; every sampler setting gets its own folder."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = tiny_checkpoint(tmp_path / "last.pt")
+    record = evaluate.main(["--ckpt", ckpt, "--n", "4", "--device", "cpu", "--sampler", "dpmpp", "--steps", "3",
+                            "--order", "3", "--spacing", "logsnr", "--dynamic-threshold"], extractor=TinyExtractor())
+    assert (record["sampler"], record["steps"], record["order"], record["spacing"], record["eta"],
+            record["dynamic_threshold"]) == ("dpmpp", 3, 3, "logsnr", None, True)
+    assert len(os.listdir(tmp_path / "results" / "tiny" / "samples-step0-dpmpp3-order3-logsnr-dynthresh")) == 4
+    cfg = load_config(None)
+    variants = [[], ["sample.steps=50"], ["sample.spacing=trailing"], ["sample.eta=1.0"], ["sample.sampler=ddpm"],
+                ["sample.sampler=dpmpp"], ["sample.sampler=dpmpp", "sample.order=1"], ["sample.dynamic_threshold=true"],
+                ["sample.sampler=dpmpp", "sample.spacing=logsnr"]]
+    folders = {evaluate.default_samples_dir(load_config(None, v), 7, None) for v in variants}
+    assert len(folders) == len(variants)
+    expected = os.path.join("results", "cifar10", "samples-step7-ddim100-linspace")
+    assert evaluate.default_samples_dir(cfg, 7, None) == expected
+
+
+def test_fid_of_with_dpm_solver(tmp_path):
+    """train.fid_every uses cfg.sample: DPM-Solver++ works there too, and gives other samples than DDIM."""
+    cfg, model, diffusion = model_from_checkpoint(load_checkpoint(tiny_checkpoint(tmp_path / "last.pt")), "cpu")
+    extractor, refs = TinyExtractor(), str(tmp_path / "refs")
+    ddim = metrics.fid_of(model, diffusion, cfg, 8, "cpu", extractor, cache_dir=refs)
+    cfg.sample = dataclasses.replace(cfg.sample, sampler="dpmpp", order=2)
+    dpm = metrics.fid_of(model, diffusion, cfg, 8, "cpu", extractor, cache_dir=refs)
+    assert np.isfinite(dpm) and dpm != ddim
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed with gloo")
+def test_two_processes_share_the_sampling_and_rank_0_scores(tmp_path, monkeypatch):
+    """evaluate.py under torchrun (2 gloo processes, the tiny extractor swapped in by a wrapper script): the
+    samples folder is the one a single process writes, and one record is appended, by rank 0."""
+    ckpt = tiny_checkpoint(tmp_path / "last.pt")
+    wrapper = tmp_path / "evaluate_tiny.py"
+    wrapper.write_text("import sys\nsys.path.insert(0, sys.argv.pop(1))\nimport evaluate\n"
+                       "from helpers import TinyExtractor\nevaluate.main(extractor=TinyExtractor())\n")
+    args = ["--ckpt", ckpt, "--num-images", "6", "--batch-size", "2", "--sampler", "dpmpp", "--steps", "2",
+            "--device", "cpu"]
+    monkeypatch.chdir(tmp_path)
+    # one process, here (one thread, as the subprocesses)
+    evaluate.main([*args, "--samples-dir", "one"], extractor=TinyExtractor())
+    two = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
+                      os.path.join(ROOT, "tests"), *args, "--samples-dir", "two"], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one")) == \
+        [f"{i:07d}.png" for i in range(6)]
+    for f in os.listdir(tmp_path / "one"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    assert two.stdout.count("FID ") == 1 and two.stdout.count("appended to") == 1, two.stdout
+    records = json.loads((tmp_path / "results" / "tiny" / "metrics.json").read_text())
+    assert len(records) == 2 and records[0]["fid"] == pytest.approx(records[1]["fid"])

@@ -6,9 +6,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from helpers import ROOT, tiny_checkpoint
+from helpers import ROOT, run_script, tiny_checkpoint
 from PIL import Image, ImageSequence
 
 import sample
@@ -75,7 +76,7 @@ def test_default_output_is_the_grid_under_results(ckpt, tmp_path, monkeypatch, c
     assert os.path.join("results", "tiny", "grid.png") in out and "images/s" in out
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
 def test_same_seed_same_images_other_seed_other_images(ckpt, tmp_path, sampler):
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         run("--ckpt", ckpt, "--sampler", sampler, "--n", 3, "--seed", seed, "--out", tmp_path / f"{name}.png")
@@ -93,17 +94,25 @@ def test_options_change_the_images(ckpt, tmp_path):
     assert grid("override.png", "sample.seed=3") == base
     assert grid("flag_wins.png", "sample.seed=5", "--seed", 3) == base
     others = [grid("ddpm.png", "--seed", 3, "--sampler", "ddpm"), grid("eta.png", "--seed", 3, "--eta", 1.0),
-              grid("raw.png", "--seed", 3, "--no-ema")]
-    assert len({base, *others}) == 4
+              grid("raw.png", "--seed", 3, "--no-ema"), grid("trailing.png", "--seed", 3, "--spacing", "trailing"),
+              grid("thresh.png", "--seed", 3, "--dynamic-threshold")]
+    dpm = [grid("dpm2.png", "--seed", 3, "--sampler", "dpmpp"), grid("dpm3.png", "--seed", 3, "--sampler", "dpmpp",
+                                                                   "--order", 3, "--spacing", "logsnr")]
+    grid("dpm1.png", "--seed", 3, "--sampler", "dpmpp", "--order", 1)  # DPM-Solver++ 1 is DDIM, up to rounding
+    pixels = [np.asarray(Image.open(tmp_path / name), dtype=int) for name in ("base.png", "dpm1.png")]
+    assert np.abs(pixels[0] - pixels[1]).max() <= 1
+    assert len({base, *others, *dpm}) == 8
+    assert grid("no_thresh.png", "sample.dynamic_threshold=true", "--seed", 3, "--no-dynamic-threshold") == base
 
 
 def test_generate(ckpt):
     _, model, diffusion = model_from_checkpoint(load_checkpoint(ckpt), "cpu")
     gen = torch.Generator().manual_seed(0)
     s = SampleConfig(sampler="ddim", steps=4)
-    x, trajectory = sampling.generate(model, diffusion, 2, s, gen, "cpu", record=(T - 1, 0))
+    x, trajectory = sampling.generate(model, diffusion, 2, s, gen, "cpu", record=(T - 1, 5, 0))
     assert x.shape == (2, 3, SIZE, SIZE) and x.dtype == torch.float32 and x.abs().max() <= 1
-    assert trajectory["t"] == [T - 1, 0] and trajectory["x0"][0].shape == x.shape
+    # 4 DDIM steps of T = 20 visit 19, 14, 10, 5, then step to the data (index 0 is never evaluated)
+    assert trajectory["t"] == [T - 1, 5] and trajectory["x0"][0].shape == x.shape
 
 
 # ---- the folder of PNGs --------------------------------------------------------------------------------------
@@ -234,6 +243,10 @@ def test_guidance_with_every_output(cond_ckpt, tmp_path, sampler):
 @pytest.mark.parametrize("argv, message", [
     (["--steps", 21], "sample.steps"),
     (["--steps", 0], "sample.steps"),
+    (["--sampler", "dpmpp", "--order", 4], "sample.order"),
+    (["--sampler", "dpmpp", "--eta", 0.5], "sample.eta"),
+    (["--spacing", "karras"], "--spacing"),
+    (["sample.spacing=karras"], "sample.spacing"),
     (["--eta", -0.5], "sample.eta"),
     (["--n", 0], "sample.n"),
     (["--batch-size", 0], "sample.batch_size"),
@@ -291,3 +304,49 @@ def test_command_line_errors_are_one_line(tmp_path, argv):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+# ---- several processes ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or sys.platform == "win32",
+                    reason="needs torch.distributed with gloo")
+def test_two_processes_write_the_folder_of_one(ckpt, tmp_path):
+    """torchrun with 2 CPU processes (gloo) splits the batches of --save-dir: the folder holds the files of a
+    1-process run byte for byte, also where it finishes a folder begun by 1 process (a partial batch, image 4
+    of the batch 4-5); rank 0 alone makes the grid and prints."""
+    # --num-images: torchrun's parser would take --n for an abbreviation of its own options
+    argv = ["--ckpt", ckpt, "--num-images", 7, "--batch-size", 2, "--sampler", "dpmpp", "--steps", 3, "--device", "cpu"]
+    run(*argv, "--save-dir", tmp_path / "one", "--out", tmp_path / "one.png")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "0000004.png").write_bytes(read(tmp_path / "one" / "0000004.png"))
+    proc = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                       os.path.join(ROOT, "sample.py"), *map(str, argv), "--save-dir", str(tmp_path / "two"),
+                       "--out", str(tmp_path / "two.png")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert names(tmp_path / "two") == names(tmp_path / "one") == [f"{i:07d}.png" for i in range(7)]
+    for f in names(tmp_path / "one"):
+        assert read(tmp_path / "one" / f) == read(tmp_path / "two" / f), f
+    assert read(tmp_path / "one.png") == read(tmp_path / "two.png")
+    out = proc.stdout
+    assert out.count("images: ") == 1 and "(7 images, 6 new)" in out and out.count("grid: ") == 1, out
+    assert out.count("images/s") == 1
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed with gloo")
+def test_each_rank_makes_every_world_th_missing_batch(ckpt, tmp_path):
+    """Rank 1 of 2 makes the missing batches 1, 3, ... of the folder and nothing else (a 1-process group
+    stands in for the other rank at the barriers)."""
+    import torch.distributed as dist
+    _, model, diffusion = model_from_checkpoint(load_checkpoint(ckpt), "cpu")
+    s = SampleConfig(sampler="ddim", steps=2, batch_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        folder = tmp_path / "s"
+        folder.mkdir()
+        (folder / "0000001.png").write_bytes(b"")  # batch 0 is missing image 0 only, batch 1 (images 2, 3) all
+        sampling.sample_to_folder(model, diffusion, str(folder), 9, s, "cpu", rank=1, world=2)
+    finally:
+        dist.destroy_process_group()
+    # missing batches start at 0, 2, 4, 6, 8: rank 1 makes those at 2 and 6
+    assert names(folder) == [f"{i:07d}.png" for i in (1, 2, 3, 6, 7)]

@@ -229,10 +229,11 @@ def test_ddim_timesteps():
         assert ts[0] == 999           # sampling starts from x_T ~ N(0, I), which is the last index
         assert all(a > b for a, b in zip(ts, ts[1:]))
         assert all(isinstance(v, int) for v in ts)
-        if steps > 1:
-            assert ts[-1] == 0
-            gaps = np.diff(ts[::-1])
-            assert gaps.max() - gaps.min() <= 1, steps  # evenly spaced up to rounding
+        # evenly spaced from T-1 down to index 0 up to rounding, 0 itself left out: the last step goes from
+        # ts[-1] to the data (tests/test_samplers.py has the spacings)
+        gaps = np.diff((ts + [0])[::-1])
+        assert gaps.max() - gaps.min() <= 1, steps
+        assert steps == 999 or ts[-1] > 0
     for bad in (0, 1001):
         with pytest.raises(ValueError):
             ddim(bad)

@@ -25,7 +25,7 @@ from PIL import Image
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from config import DataConfig
-from dataset import ImageDataset, build_dataset
+from dataset import ImageDataset, build_dataset, list_images
 from distributed import close_distributed, setup_distributed, wait_for_all
 from metrics import (
     REF_CACHE,
@@ -48,6 +48,7 @@ from sampling import (
     prepare_model,
     sample_to_folder,
     sampler_overrides,
+    sampler_record,
 )
 from utils import ArgumentParser, UserError, check_writable, cli
 
@@ -126,12 +127,8 @@ def sample_checkpoint(args, cfg, model, diffusion, step, labels, n, folder, devi
     files = [os.path.join(folder, f"{i:07d}.png") for i in range(n)]
     data = DataConfig(dataset="folder", root=folder, image_size=cfg.data.image_size, channels=cfg.data.channels)
     samples = ImageDataset(data, torch.full((n,), -1), [], files=files)
-    markov = s.sampler != "dpmpp"
-    info = {"ckpt": args.ckpt, "step": step, "sampler": s.sampler,
-            "steps": cfg.diffusion.timesteps if s.sampler == "ddpm" else s.steps,
-            "eta": s.eta if s.sampler == "ddim" else None, "order": None if markov else s.order,
-            "spacing": None if s.sampler == "ddpm" else s.spacing, "dynamic_threshold": s.dynamic_threshold,
-            "guidance_scale": s.guidance_scale, "class_label": args.class_label, "seed": s.seed}
+    info = {"ckpt": args.ckpt, "step": step, **sampler_record(s, cfg.diffusion.timesteps),
+            "class_label": args.class_label, "seed": s.seed}
     return samples, info
 
 
@@ -140,8 +137,10 @@ def folder_samples(args):
     folder = args.samples_dir
     if not os.path.isdir(folder):
         raise UserError(f"--samples-dir '{folder}' does not exist; give --ckpt to generate samples into it")
-    ds = build_dataset(DataConfig(dataset="folder", root=folder, image_size=8, channels=3))  # to list the files
-    with Image.open(ds.files[0]) as img:
+    files = list_images(folder)
+    if len(files) < 2:
+        raise UserError(f"--samples-dir '{folder}' holds {len(files)} image(s); FID and KID need at least 2")
+    with Image.open(files[0]) as img:
         size = min(img.size)
     ds = build_dataset(DataConfig(dataset="folder", root=folder, image_size=size, channels=3))
     if args.n is not None and args.n > len(ds):

@@ -261,9 +261,10 @@ def reference_stats(data, extractor, cache_dir: str, batch_size: int = 500) -> d
         except Exception:  # a damaged cache is computed again
             pass
     ds = ds or build_dataset(data)  # the torchvision sets and shapes are in memory; a folder is streamed
+    if len(ds) < 2:
+        raise UserError(f"the reference set ({data.dataset} {data.root}) has {len(ds)} image(s); FID and KID "
+                        "need at least 2")
     features, _ = extract_features(extractor, image_batches(ds, batch_size), len(ds), desc="reference features")
-    if len(features) < 2:
-        raise UserError(f"the reference set ({data.dataset} {data.root}) needs at least 2 images")
     mu, sigma = feature_stats(features)
     keep = np.random.default_rng(0).permutation(len(features))[:KID_REF_ROWS]
     stats = {"mu": mu, "sigma": sigma, "features": features[np.sort(keep)], "n": len(features)}

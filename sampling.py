@@ -148,6 +148,14 @@ def sampler_overrides(args) -> list[str]:
     return [f"sample.{k}={getattr(args, k)}" for k in SAMPLER_FLAGS if getattr(args, k) is not None]
 
 
+def sampler_record(s, timesteps: int) -> dict:
+    """The sampler settings of `s` that shaped a set of images, for metrics.json (None where one does not apply)."""
+    return {"sampler": s.sampler, "steps": timesteps if s.sampler == "ddpm" else s.steps,
+            "eta": s.eta if s.sampler == "ddim" else None, "order": s.order if s.sampler == "dpmpp" else None,
+            "spacing": None if s.sampler == "ddpm" else s.spacing, "dynamic_threshold": s.dynamic_threshold,
+            "guidance_scale": s.guidance_scale}
+
+
 def class_labels(spec, num_classes, n):
     """(labels, n, nrow) for --class-label. labels are cycled over the images (None: unconditional);
     'all' makes n a multiple of the number of classes, so that each grid row (nrow images) is one class."""

@@ -37,7 +37,7 @@ from checkpoint import (
 from config import check_batch_split, config_from_dict, dump, load_config, resolved, schedule_warning, to_dict
 from dataset import Batches, build_dataset, num_classes, preload_wanted, stream_seed
 from diffusion import GaussianDiffusion
-from distributed import setup_distributed, wait_for_all
+from distributed import close_distributed, setup_distributed, wait_for_all
 from model import UNet
 from utils import (
     ArgumentParser,
@@ -314,13 +314,14 @@ class TrainingRun:
     def log_fid(self) -> None:
         """FID of train.fid_samples EMA samples, to TensorBoard and results/<name>/metrics.json."""
         from metrics import append_record, fid_of
+        from sampling import sampler_record
         cfg, step, n = self.cfg, self.trainer.step, self.cfg.train.fid_samples
         fid = fid_of(self.trainer.ema, self.trainer.diffusion, cfg, n, self.trainer.device, self.extractor)
         self.runlog.scalar("eval/fid", fid, step)
         self.runlog.message(f"step {step}: FID {fid:.2f} ({n} samples)")
         append_record(os.path.join(self.out_dir, "metrics.json"),
-                      {"step": step, "fid": fid, "n": n, "sampler": cfg.sample.sampler, "steps": cfg.sample.steps,
-                       "eta": cfg.sample.eta, "source": "train.fid_every"})
+                      {"step": step, "fid": fid, "n": n, **sampler_record(cfg.sample, cfg.diffusion.timesteps),
+                       "source": "train.fid_every"})
 
     def save(self) -> None:
         """Rank 0: last.pt, a step_XXXXXXX.pt of it, the newest train.keep_last of those kept; the plots."""
@@ -390,8 +391,7 @@ def main(argv=None, extractor=None):
     try:
         run(args, rank, world, device, extractor)
     finally:
-        if world > 1:
-            dist.destroy_process_group()
+        close_distributed(world)
 
 
 def run(args, rank, world, device, extractor=None):

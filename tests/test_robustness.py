@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import CONFIG, ROOT, TINY, assert_one_line_error, run_script
+from helpers import CONFIG, ROOT, TINY, TinyExtractor, assert_one_line_error, run_script
 from PIL import Image
 
 import train
@@ -174,3 +174,19 @@ def test_an_interrupted_data_set_build_ends_in_one_line(tmp_path, many_images, s
     assert "Traceback" not in err and "interrupted: the data set was not finished" in err, err
     assert [line for line in err.splitlines() if line.strip()] == [err.strip().splitlines()[-1]], err
     assert "cached" not in out and not list(images.glob(".ddpm-cache-*"))
+
+
+@pytest.mark.parametrize("side", ["samples", "reference"])
+def test_evaluate_with_fewer_than_two_images_is_one_line(tmp_path, capsys, side):
+    import evaluate
+    one, many = tmp_path / "one", tmp_path / "many"
+    for folder, n in ((one, 1), (many, 4)):
+        folder.mkdir()
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / f"{i:07d}.png")
+    samples, ref = (one, many) if side == "samples" else (many, one)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--samples-dir", str(samples), "--ref-dir", str(ref), "--device", "cpu", "--out",
+                       str(tmp_path / "m.json"), "--ref-cache", str(tmp_path / "refs")], extractor=TinyExtractor())
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "at least 2" in err and str(one) in err, err

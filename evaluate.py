@@ -106,7 +106,7 @@ def load_for_sampling(args, device):
     """(cfg, model, diffusion, step, labels, n, samples folder) of --ckpt with the command line's sampling flags."""
     ckpt = load_checkpoint(args.ckpt)
     step = ckpt["step"]
-    cfg, model, diffusion = model_from_checkpoint(ckpt, device, overrides=sampler_overrides(args))
+    cfg, model, diffusion = model_from_checkpoint(ckpt, device, overrides=args.overrides + sampler_overrides(args))
     del ckpt
     labels, n, _ = class_labels(args.class_label, cfg.model.num_classes, 50_000 if args.n is None else args.n)
     folder = args.samples_dir or default_samples_dir(cfg, step, args.class_label)
@@ -180,6 +180,7 @@ def parse_args(argv=None):
     p.add_argument("--inception-weights", help="local pt_inception-2015-12-05-6726825d.pth (default: hub cache)")
     p.add_argument("--ref-cache", default=REF_CACHE, help=f"folder of reference statistics (default {REF_CACHE})")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("overrides", nargs="*", help="with --ckpt: section.field=value, e.g. sample.precision=fp32")
     args = p.parse_args(argv)
     if not args.ckpt and not args.samples_dir:
         p.error("give --ckpt (to sample from it) or --samples-dir (a folder of images to score)")
@@ -189,6 +190,8 @@ def parse_args(argv=None):
                                                   if k != "batch_size")):
         p.error("--sampler, --steps, --eta, --order, --spacing, --dynamic-threshold, --seed, --guidance-scale "
                 "and --class-label need --ckpt")
+    if not args.ckpt and args.overrides:
+        p.error(f"the config overrides {' '.join(args.overrides)} need --ckpt")
     return args
 
 

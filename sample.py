@@ -45,6 +45,7 @@ from utils import (
     atomic_write,
     check_writable,
     cli,
+    image_format,
     make_grid,
     save_grid,
     to_pil,
@@ -168,9 +169,13 @@ def check_outputs(args, cfg):
     out = args.out
     if out is None and not (args.save_dir or args.process or args.gif or args.forward):
         out = os.path.join("results", cfg.name, "grid.png")
-    for path in (out, args.process, args.gif, args.forward):
+    for path in (out, args.process, args.forward):
         if path:
             check_writable(path)
+            image_format(path)
+    if args.gif:
+        check_writable(args.gif)
+        image_format(args.gif, {".gif": "GIF"})
     if args.save_dir:
         check_writable(args.save_dir, folder=True)
     return out, schedules

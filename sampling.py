@@ -24,7 +24,17 @@ import torch
 
 from distributed import wait_for_all
 from samplers import SPACINGS, sample_loop
-from utils import UserError, autocast_dtype, enable_tf32, first_call_or_fallback, to_pil, to_uint8, writing
+from utils import (
+    FolderLock,
+    UserError,
+    autocast_dtype,
+    enable_tf32,
+    first_call_or_fallback,
+    on_interrupt,
+    to_pil,
+    to_uint8,
+    writing,
+)
 
 FILE_NAME = re.compile(r"\d{7,}\.png")  # 0000000.png, 0000001.png, ... as written by sample_to_folder
 
@@ -101,23 +111,35 @@ def sample_to_folder(model, diffusion, folder, n, s, device, class_labels=None, 
     files as an uninterrupted one. class_labels: None (the null label on a conditional model), or labels
     cycled over the n images (a 1-D tensor of length n, or a list). Under torchrun (`world` processes) each
     rank makes every world-th of the missing batches, rank 0 shows the progress of the whole folder, and
-    all ranks wait for each other at the end. Returns the number of images in the folder afterwards."""
-    from tqdm import tqdm
+    all ranks wait for each other at the end. A second run on the folder is refused while this one lasts
+    (FolderLock). Returns the number of images in the folder afterwards."""
     os.makedirs(folder, exist_ok=True)
-    done = existing_images(folder)
-    wait_for_all(world)  # every rank has listed the folder before any writes to it: they split the same batches
-    missing = [i for i in range(n) if i not in done]
-    starts = sorted({i - i % s.batch_size for i in missing})[rank::world]
-    batches = sample_batches(model, diffusion, n, s, device, starts, cycle(class_labels, n))
-    with tqdm(total=len(missing), unit="img", desc="sampling", disable=rank != 0) as bar:
+
+    def note():
+        return (f"{len(existing_images(folder) & set(range(n)))} of {n} images are in {folder}; run the same "
+                "command to make the rest")
+    lock = FolderLock(folder, "sampling run") if rank == 0 else contextlib.nullcontext()  # one run per folder
+    with lock, on_interrupt(note):
+        done = existing_images(folder)
+        wait_for_all(world)  # every rank has listed the folder before any writes to it: they split the same batches
+        missing = [i for i in range(n) if i not in done]
+        starts = sorted({i - i % s.batch_size for i in missing})[rank::world]
+        batches = sample_batches(model, diffusion, n, s, device, starts, cycle(class_labels, n))
+        write_missing(folder, n, batches, done, len(missing), rank)
+    wait_for_all(world)
+    return len(existing_images(folder))
+
+
+def write_missing(folder, n, batches, done, n_missing, rank):
+    """Save the images of `batches` that are not `done`; rank 0 shows the progress of every process."""
+    from tqdm import tqdm
+    with tqdm(total=n_missing, unit="img", desc="sampling", disable=rank != 0) as bar:
         for start, x in batches:
             for j, image in enumerate(to_uint8(x)):
                 if start + j not in done:
                     save_png(image, os.path.join(folder, f"{start + j:07d}.png"))
             if rank == 0:  # the files of every process count
-                bar.update(len(existing_images(folder) & set(range(n))) - (n - len(missing)) - bar.n)
-    wait_for_all(world)
-    return len(existing_images(folder))
+                bar.update(len(existing_images(folder) & set(range(n))) - (n - n_missing) - bar.n)
 
 
 # ---- what the command lines share -----------------------------------------------------------------------

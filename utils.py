@@ -234,10 +234,23 @@ def to_pil(array):
     return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                 ".tiff": "TIFF"}
+
+
+def image_format(path: str, formats: dict = IMAGE_FORMATS) -> str:
+    """The file format that `path`'s extension names; an extension we do not write is a one-line UserError."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in formats:
+        raise UserError(f"cannot write '{path}': give a file name ending in {', '.join(formats)}")
+    return formats[ext]
+
+
 def save_image(array, path: str) -> None:
-    """Save an H x W x C uint8 array (C = 1 or 3) as a PNG, atomically."""
-    img = to_pil(array)
-    atomic_write(path, lambda f: img.save(f, format="PNG"))
+    """Save an H x W x C uint8 array (C = 1 or 3) atomically, in the format its extension names (JPEG at quality
+    95; PNG where lossless matters)."""
+    img, fmt = to_pil(array), image_format(path)
+    atomic_write(path, lambda f: img.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})))
 
 
 def save_grid(x: torch.Tensor, path: str, nrow: int | None = None) -> None:

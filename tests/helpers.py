@@ -87,6 +87,11 @@ class TinyExtractor:
         return f.numpy(), (self.head(f).numpy() if self.logits else None)
 
 
+def files_in(folder) -> list[str]:
+    """The names in a folder, sorted, without hidden ones (the .lock of a run that wrote it)."""
+    return sorted(f for f in os.listdir(folder) if not f.startswith("."))
+
+
 def run_script(args, cwd, env_extra=None, timeout=300, **kwargs):
     """Run `python <args>` in cwd with the repo importable; returns the CompletedProcess."""
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env_extra or {})}

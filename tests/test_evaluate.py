@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from helpers import ROOT, TinyExtractor, assert_one_line_error, run_script, tiny_checkpoint
+from helpers import ROOT, TinyExtractor, assert_one_line_error, files_in, run_script, tiny_checkpoint
 from PIL import Image
 
 import evaluate
@@ -207,14 +207,14 @@ def test_checkpoint_end_to_end(tmp_path, monkeypatch):
     args = ["--ckpt", ckpt, "--n", "8", "--sampler", "ddim", "--steps", "2", "--device", "cpu", "--batch-size", "4"]
     record = evaluate.main(args, extractor=extractor)
     folder = tmp_path / "results" / "tiny" / "samples-step0-ddim2-linspace"
-    assert sorted(os.listdir(folder)) == [f"{i:07d}.png" for i in range(8)]
+    assert files_in(folder) == [f"{i:07d}.png" for i in range(8)]
     assert extractor.seen == 8 + 64  # the samples and the checkpoint's data set (64 shapes)
     assert (record["step"], record["sampler"], record["steps"], record["eta"], record["n"]) == (0, "ddim", 2, 0.0, 8)
     assert (record["order"], record["spacing"], record["dynamic_threshold"]) == (None, "linspace", False)
     assert record["ref"] == "shapes-train" and record["ref_n"] == 64 and np.isfinite(record["fid"])
-    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    stamps = {f: os.stat(folder / f).st_mtime_ns for f in files_in(folder)}
     again = evaluate.main(args, extractor=extractor)  # the samples and the reference statistics are reused
-    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    assert {f: os.stat(folder / f).st_mtime_ns for f in files_in(folder)} == stamps
     assert again["fid"] == pytest.approx(record["fid"]) and extractor.seen == 8 + 64 + 8
     assert len(json.loads((tmp_path / "results" / "tiny" / "metrics.json").read_text())) == 2
 
@@ -226,7 +226,7 @@ def test_conditional_checkpoint_with_guidance(tmp_path, monkeypatch):
                             "--class-label", "1", "--sampler", "ddpm"], extractor=TinyExtractor())
     assert (record["guidance_scale"], record["class_label"], record["steps"], record["eta"]) == (2.0, "1", 20, None)
     assert (record["order"], record["spacing"]) == (None, None)
-    assert len(os.listdir(tmp_path / "results" / "tiny" / "samples-step0-ddpm-w2-class1")) == 4
+    assert len(files_in(tmp_path / "results" / "tiny" / "samples-step0-ddpm-w2-class1")) == 4
     unconditional = tiny_checkpoint(tmp_path / "uncond.pt")
     with pytest.raises(SystemExit):
         evaluate.main(["--ckpt", unconditional, "--n", "4", "--device", "cpu", "--guidance-scale", "2"],
@@ -264,7 +264,7 @@ def test_dpmpp_checkpoint_and_folder_names(tmp_path, monkeypatch):
                             "--order", "3", "--spacing", "logsnr", "--dynamic-threshold"], extractor=TinyExtractor())
     assert (record["sampler"], record["steps"], record["order"], record["spacing"], record["eta"],
             record["dynamic_threshold"]) == ("dpmpp", 3, 3, "logsnr", None, True)
-    assert len(os.listdir(tmp_path / "results" / "tiny" / "samples-step0-dpmpp3-order3-logsnr-dynthresh")) == 4
+    assert len(files_in(tmp_path / "results" / "tiny" / "samples-step0-dpmpp3-order3-logsnr-dynthresh")) == 4
     cfg = load_config(None)
     variants = [[], ["sample.steps=50"], ["sample.spacing=trailing"], ["sample.eta=1.0"], ["sample.sampler=ddpm"],
                 ["sample.sampler=dpmpp"], ["sample.sampler=dpmpp", "sample.order=1"], ["sample.dynamic_threshold=true"],
@@ -301,9 +301,9 @@ def test_two_processes_share_the_sampling_and_rank_0_scores(tmp_path, monkeypatc
     two = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
                       os.path.join(ROOT, "tests"), *args, "--samples-dir", "two"], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one")) == \
+    assert files_in(tmp_path / "two") == files_in(tmp_path / "one") == \
         [f"{i:07d}.png" for i in range(6)]
-    for f in os.listdir(tmp_path / "one"):
+    for f in files_in(tmp_path / "one"):
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
     assert two.stdout.count("FID ") == 1 and two.stdout.count("appended to") == 1, two.stdout
     records = json.loads((tmp_path / "results" / "tiny" / "metrics.json").read_text())

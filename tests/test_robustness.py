@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import CONFIG, ROOT, TINY, TinyExtractor, assert_one_line_error, run_script
+from helpers import CONFIG, ROOT, TINY, TinyExtractor, assert_one_line_error, run_script, tiny_checkpoint
 from PIL import Image
 
 import train
@@ -190,3 +190,70 @@ def test_evaluate_with_fewer_than_two_images_is_one_line(tmp_path, capsys, side)
                        str(tmp_path / "m.json"), "--ref-cache", str(tmp_path / "refs")], extractor=TinyExtractor())
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "at least 2" in err and str(one) in err, err
+
+
+# ---- sample.py and evaluate.py: outputs, folders in use, interrupts, overrides -------------------------------
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "last.pt")
+
+
+def test_an_output_is_written_in_the_format_its_name_says_or_refused(ckpt, tmp_path, capsys):
+    import sample
+    sample.main(["--ckpt", ckpt, "--n", "2", "--out", str(tmp_path / "grid.jpg"), "--device", "cpu"])
+    with Image.open(tmp_path / "grid.jpg") as img:
+        assert img.format == "JPEG"
+    for flag, name in (("--out", "grid.xyz"), ("--process", "p.gif"), ("--gif", "d.png"), ("--out", "grid")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", ckpt, "--n", "2", flag, str(tmp_path / name), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and name in err, err
+        assert not (tmp_path / name).exists()
+
+
+def test_a_second_sampler_on_a_folder_being_filled_is_refused(ckpt, tmp_path):
+    argv = [os.path.join(ROOT, "sample.py"), "--ckpt", ckpt, "--sampler", "ddpm", "--batch-size", "1",
+            "--device", "cpu", "--save-dir", str(tmp_path / "s")]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, *argv, "--n", "100000"], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "s" / "0000000.png").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        second = run_script([*argv, "--n", "2"], tmp_path)
+        assert_one_line_error(second, str(tmp_path / "s"), "in use", str(first.pid))
+        first.send_signal(signal.SIGINT)  # Ctrl-C: what is there, and how to go on, in one line
+        _, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 130 and "Traceback" not in err, err[-2000:]
+    done = len([f for f in os.listdir(tmp_path / "s") if f.endswith(".png")])
+    again = run_script([*argv, "--n", str(done + 1)], tmp_path)  # no stale lock; one image more
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"({done + 1} images, 1 new)" in again.stdout
+
+
+def test_sampling_into_a_folder_says_what_an_interrupt_left(ckpt, tmp_path):
+    argv = [os.path.join(ROOT, "sample.py"), "--ckpt", ckpt, "--sampler", "ddpm", "--batch-size", "1",
+            "--device", "cpu", "--save-dir", str(tmp_path / "s"), "--n", "100000"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *argv], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "s" / "0000001.png").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and "of 100000 images are in" in last and "same command" in last
+
+
+def test_evaluate_takes_overrides_anywhere(ckpt, tmp_path, monkeypatch):
+    import evaluate
+    monkeypatch.chdir(tmp_path)
+    record = evaluate.main(["sample.seed=3", "--ckpt", ckpt, "--n", "2", "--steps", "2", "sample.eta=0.5",
+                            "--device", "cpu"], extractor=TinyExtractor())
+    assert record["seed"] == 3 and record["eta"] == 0.5

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, run_script, tiny_checkpoint
+from helpers import ROOT, files_in, run_script, tiny_checkpoint
 from PIL import Image, ImageSequence
 
 import sample
@@ -119,7 +119,7 @@ def test_generate(ckpt):
 
 
 def names(folder):
-    return sorted(os.listdir(folder))
+    return files_in(folder)
 
 
 def test_save_dir_writes_n_files_and_adds_only_missing_ones(ckpt, tmp_path):

@@ -190,15 +190,61 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+class Range(typing.NamedTuple):
+    """An interval of allowed values; an end of None is unbounded, an open end excludes its value."""
+    low: float | None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, v) -> bool:
+        above = self.low is None or (v > self.low if self.open_low else v >= self.low)
+        below = self.high is None or (v < self.high if self.open_high else v <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        low = "(-inf" if self.low is None else f"{'(' if self.open_low else '['}{self.low}"
+        high = "inf)" if self.high is None else f"{self.high}{')' if self.open_high else ']'}"
+        return f"{low}, {high}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, open_low=True)
+FRACTION = Range(0, 1, open_high=True)  # [0, 1)
+SEED = Range(0, 2 ** 63 - 1)
+# the range of every numeric field (floats are finite already); rules between fields are in validate
+RANGES = {
+    "data.image_size": Range(8), "data.num_images": AT_LEAST_1, "data.seed": SEED, "data.preload_max_gib": POSITIVE,
+    "model.base_channels": AT_LEAST_1, "model.num_res_blocks": AT_LEAST_1, "model.num_heads": AT_LEAST_1,
+    "model.dropout": FRACTION, "model.norm_eps": Range(0, 1, open_low=True, open_high=True),
+    "diffusion.timesteps": Range(2), "diffusion.beta_start": Range(0, 1, True, True),
+    "diffusion.beta_end": Range(0, 1, True, True),
+    "train.max_steps": AT_LEAST_0, "train.batch_size": AT_LEAST_1, "train.lr": POSITIVE,
+    "train.weight_decay": AT_LEAST_0, "train.warmup_steps": AT_LEAST_0, "train.grad_clip": AT_LEAST_0,
+    "train.grad_accum": AT_LEAST_1, "train.ema_decay": FRACTION, "train.seed": SEED, "train.log_every": AT_LEAST_1,
+    "train.save_every": AT_LEAST_1, "train.sample_every": AT_LEAST_1, "train.sample_n": AT_LEAST_1,
+    "train.keep_last": AT_LEAST_0, "train.num_workers": AT_LEAST_0, "train.max_nonfinite": AT_LEAST_1,
+    "train.cond_drop_prob": FRACTION, "train.fid_every": AT_LEAST_0, "train.fid_samples": Range(2),
+    "sample.steps": AT_LEAST_1, "sample.eta": Range(0, 1), "sample.order": Range(1, 3), "sample.n": AT_LEAST_1,
+    "sample.batch_size": AT_LEAST_1, "sample.seed": SEED, "sample.guidance_scale": Range(None),
+}
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key, allowed in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(value in allowed, f"{key} must be in {allowed}, got {value}")
+
+
 def validate(cfg: Config) -> Config:
-    """Range checks that types cannot express; each failure names the key and the allowed range."""
-    d, m, df, t, s = cfg.data, cfg.model, cfg.diffusion, cfg.train, cfg.sample
-    _check(d.image_size >= 8, f"data.image_size must be at least 8, got {d.image_size}")
-    _check(d.num_images >= 1, f"data.num_images must be at least 1, got {d.num_images}")
-    _check(m.base_channels >= 1 and m.num_heads >= 1 and m.num_res_blocks >= 1,
-           "model.base_channels, model.num_heads and model.num_res_blocks must be at least 1")
+    """The range of every numeric field (RANGES), then the rules between fields; each failure is one line that
+    names the key and what it must be."""
+    _check_ranges(cfg)
+    d, m, df, t = cfg.data, cfg.model, cfg.diffusion, cfg.train
     _check(len(m.channel_mults) >= 1 and min(m.channel_mults) >= 1,
            f"model.channel_mults must be a non-empty list of positive integers, got {list(m.channel_mults)}")
+    _check(all(r >= 1 for r in m.attention_resolutions),
+           f"model.attention_resolutions must be feature-map sizes in pixels, got {list(m.attention_resolutions)}")
     _check(d.image_size % 2 ** (len(m.channel_mults) - 1) == 0,
            f"data.image_size={d.image_size} must be divisible by 2^(len(model.channel_mults)-1)="
            f"{2 ** (len(m.channel_mults) - 1)}; change one of them")
@@ -207,39 +253,23 @@ def validate(cfg: Config) -> Config:
         if d.image_size // 2 ** i in m.attention_resolutions]
     _check(all(w % m.num_heads == 0 for w in widths),
            f"model.num_heads={m.num_heads} must divide the channels at every attention layer ({sorted(set(widths))})")
-    _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(m.base_channels % 2 == 0 and (m.base_channels >= 4 or m.time_embedding != "ddpm"),
            f"model.base_channels={m.base_channels} is the size of the sin/cos timestep embedding: it must be even "
            "(and at least 4 with model.time_embedding 'ddpm')")
-    _check(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
     _check(m.num_classes is None or m.num_classes == "auto" or m.num_classes >= 1,
            f"model.num_classes must be null, 'auto' or at least 1, got {m.num_classes}")
-    _check(df.timesteps >= 2, f"diffusion.timesteps must be at least 2, got {df.timesteps}")
-    _check(0.0 < df.beta_start <= df.beta_end < 1.0,
-           f"need 0 < diffusion.beta_start <= diffusion.beta_end < 1, got {df.beta_start}, {df.beta_end}")
-    for key in ("max_steps", "warmup_steps", "keep_last", "num_workers", "fid_every"):
-        _check(getattr(t, key) >= 0, f"train.{key} must be >= 0, got {getattr(t, key)}")
-    for key in ("batch_size", "grad_accum", "log_every", "save_every", "sample_every", "sample_n",
-                "max_nonfinite", "fid_samples"):
-        _check(getattr(t, key) >= 1, f"train.{key} must be at least 1, got {getattr(t, key)}")
+    _check(df.beta_start <= df.beta_end,
+           f"need diffusion.beta_start <= diffusion.beta_end, got {df.beta_start}, {df.beta_end}")
     check_batch_split(t)
-    _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
-    _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
-    _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-    _check(0.0 <= t.cond_drop_prob < 1.0, f"train.cond_drop_prob must be in [0, 1), got {t.cond_drop_prob}")
-    _validate_sample(s, df.timesteps, m.num_classes)
+    _validate_sample(cfg.sample, df.timesteps, m.num_classes)
     return cfg
 
 
 def _validate_sample(s: SampleConfig, timesteps: int, num_classes) -> None:
-    _check(1 <= s.steps <= timesteps,
-           f"sample.steps must be between 1 and diffusion.timesteps={timesteps}, got {s.steps}")
-    _check(s.eta >= 0, f"sample.eta must be >= 0, got {s.eta}")
-    _check(1 <= s.order <= 3, f"sample.order (--order) must be 1, 2 or 3, got {s.order}")
+    _check(s.steps <= timesteps, f"sample.steps must be between 1 and diffusion.timesteps={timesteps}, got {s.steps}")
     _check(s.sampler != "dpmpp" or s.eta == 0,
            f"sample.eta={s.eta} (--eta) is for DDIM; DPM-Solver++ (sample.sampler=dpmpp) is deterministic, "
            "so leave eta at 0")
-    _check(s.n >= 1 and s.batch_size >= 1, "sample.n and sample.batch_size must be at least 1")
     _check(num_classes is not None or s.guidance_scale == 1.0,
            f"sample.guidance_scale={s.guidance_scale} (--guidance-scale) needs a class-conditional model; this one "
            "has model.num_classes null (trained without labels)")

@@ -50,7 +50,7 @@ from sampling import (
     sampler_overrides,
     sampler_record,
 )
-from utils import ArgumentParser, UserError, check_writable, cli
+from utils import ArgumentParser, UserError, check_writable, cli, on_interrupt
 
 INCEPTION_BATCH = 500  # images per Inception batch when no checkpoint gives sample.batch_size
 RECORD_FIELDS = ("ckpt", "step", "sampler", "steps", "eta", "order", "spacing", "dynamic_threshold",
@@ -243,7 +243,9 @@ def evaluate(args, rank, world, device, extractor=None):
         info = dict.fromkeys(RECORD_FIELDS)
     if rank != 0:
         return None
-    return score_and_record(extractor, samples, n, batch_size, ref, ref_name, info, out)
+    with on_interrupt(lambda: f"the {n} images of {samples.cfg.root} are kept; nothing was scored or recorded; "
+                              "run the same command to score them"):
+        return score_and_record(extractor, samples, n, batch_size, ref, ref_name, info, out)
 
 
 @cli

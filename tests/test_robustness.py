@@ -257,3 +257,11 @@ def test_evaluate_takes_overrides_anywhere(ckpt, tmp_path, monkeypatch):
     record = evaluate.main(["sample.seed=3", "--ckpt", ckpt, "--n", "2", "--steps", "2", "sample.eta=0.5",
                             "--device", "cpu"], extractor=TinyExtractor())
     assert record["seed"] == 3 and record["eta"] == 0.5
+
+
+@pytest.mark.parametrize("flag, path", [("--out", "grid.png"), ("--gif", "d.gif"), ("--save-dir", "s")])
+def test_a_full_disk_while_sampling_is_one_line_and_leaves_no_temporary_file(ckpt, tmp_path, flag, path):
+    proc = run_script([os.path.join(ROOT, "sample.py"), "--ckpt", ckpt, "--n", "4", "--device", "cpu", flag,
+                       str(tmp_path / path)], tmp_path, preexec_fn=file_size_limit(100))
+    assert_one_line_error(proc, str(tmp_path / path), "disk full")
+    assert leftovers(tmp_path) == [] and not (tmp_path / path).is_file()

@@ -348,40 +348,37 @@ def assert_one_line_user_error(excinfo, *fragments):
         assert f in msg, (f, msg)
 
 
-def test_load_checkpoint_errors(tmp_path):
-    missing = str(tmp_path / "nope.pt")
-    with pytest.raises(UserError) as e:
-        load_checkpoint(missing)
-    assert_one_line_user_error(e, missing, "not found")
+def write_junk(path):
+    path.write_bytes(bytes(range(256)) * 40)
 
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(bytes(range(256)) * 40)
-    with pytest.raises(UserError) as e:
-        load_checkpoint(str(junk))
-    assert_one_line_user_error(e, str(junk))
 
-    text = tmp_path / "notes.pt"
-    text.write_text("line one\nline two\n")
-    with pytest.raises(UserError) as e:
-        load_checkpoint(str(text))
-    assert_one_line_user_error(e, str(text))
+def write_text(path):
+    path.write_text("line one\nline two\n")
 
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"state_dict": {"w": torch.zeros(2)}}, str(foreign))
-    with pytest.raises(UserError) as e:
-        load_checkpoint(str(foreign))
-    assert_one_line_user_error(e, str(foreign), "ddpm-checkpoint-v1")
 
-    tensor_file = tmp_path / "tensor.pt"
-    torch.save(torch.zeros(3), str(tensor_file))
-    with pytest.raises(UserError) as e:
-        load_checkpoint(str(tensor_file))
-    assert_one_line_user_error(e, "ddpm-checkpoint-v1")
+def write_foreign(path):
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, str(path))
 
-    folder = tmp_path / "a_folder.pt"
-    folder.mkdir()
-    with pytest.raises(UserError):
-        load_checkpoint(str(folder))
+
+def write_tensor(path):
+    torch.save(torch.zeros(3), str(path))
+
+
+@pytest.mark.parametrize("write, fragments", [
+    (None, ["not found"]),
+    (write_junk, []),
+    (write_text, []),
+    (write_foreign, ["ddpm-checkpoint-v1"]),
+    (write_tensor, ["ddpm-checkpoint-v1"]),
+    (lambda path: path.mkdir(), ["is a folder"]),
+])
+def test_load_checkpoint_errors(tmp_path, write, fragments):
+    path = tmp_path / "x.pt"
+    if write:
+        write(path)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(str(path))
+    assert_one_line_user_error(e, str(path), *fragments)
 
 
 def test_load_weights_names_the_mismatch():

@@ -6,7 +6,8 @@ lucidrains: denoising_diffusion_pytorch.Unet(dim=128, dim_mults=(1, 2, 2, 2), dr
             GaussianDiffusion (objective pred_noise, linear betas, as in the DDPM paper).
 
 Each builder returns an Impl; an anchor whose package is missing raises ImportError, which bench.py
-reports and skips. `quick` builds each network at toy size, for the CPU smoke test.
+reports and skips. `quick` builds each network at toy size and for 16x16 images (the CPU smoke test: bf16
+on a CPU without bf16 instructions is emulated and slow, so the smoke run keeps every tensor small).
 """
 
 import dataclasses
@@ -27,8 +28,9 @@ from model import UNet  # noqa: E402
 from samplers import sample_loop  # noqa: E402
 
 CIFAR10 = os.path.join(ROOT, "configs", "cifar10.yaml")
+SIZE, QUICK_SIZE = 32, 16  # image size of the benchmark, and of its smoke mode
 QUICK_OURS = ["model.base_channels=32", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
-              "model.attention_resolutions=[16]"]
+              f"model.attention_resolutions=[{QUICK_SIZE // 2}]", f"data.image_size={QUICK_SIZE}"]
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Impl:
     loss_fn: Callable = None        # (net, x0) -> scalar loss
     sample_fn: Callable = None      # (net, n, steps) -> images
     forward_fn: Callable = None     # (net, x_t, t) -> predicted noise, for counting FLOPs
+    size: int = SIZE                # images are size x size, 3 channels
     net: torch.nn.Module = field(init=False)
 
     def __post_init__(self):
@@ -73,7 +76,7 @@ def ours(device, quick=False) -> Impl:
         s = dataclasses.replace(cfg.sample, sampler="ddim", steps=steps, eta=0.0)
         return sample_loop(diffusion, diffusion.denoiser(net), torch.randn(n, 3, size, size, device=device), s)
 
-    return Impl("ours", "this repository", model, diffusion.loss, sample_fn, lambda net, x, t: net(x, t))
+    return Impl("ours", "this repository", model, diffusion.loss, sample_fn, lambda net, x, t: net(x, t), size)
 
 
 def linear_betas(device):
@@ -84,6 +87,7 @@ def diffusers(device, quick=False) -> Impl:
     import diffusers as hf
     from diffusers import DDIMScheduler, UNet2DModel
 
+    size = QUICK_SIZE if quick else SIZE
     if quick:
         layout = dict(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=8)
@@ -91,7 +95,7 @@ def diffusers(device, quick=False) -> Impl:
         layout = dict(block_out_channels=(128, 256, 256, 256),
                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), layers_per_block=2)
-    net = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, time_embedding_type="positional",
+    net = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, time_embedding_type="positional",
                       flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6,
                       attention_head_dim=None, dropout=0.1, **layout).to(device)
     alphas_cumprod = torch.cumprod(1 - linear_betas(device), 0).float()
@@ -105,12 +109,12 @@ def diffusers(device, quick=False) -> Impl:
 
     def sample_fn(net, n, steps):  # diffusers' DDIMPipeline loop, eta = 0
         scheduler.set_timesteps(steps)
-        x = torch.randn(n, 3, 32, 32, device=device)
+        x = torch.randn(n, 3, size, size, device=device)
         for t in scheduler.timesteps:
             x = scheduler.step(net(x, t).sample, t, x).prev_sample
         return x
 
-    return Impl("diffusers", hf.__version__, net, loss_fn, sample_fn, lambda net, x, t: net(x, t).sample)
+    return Impl("diffusers", hf.__version__, net, loss_fn, sample_fn, lambda net, x, t: net(x, t).sample, size)
 
 
 def lucidrains(device, quick=False) -> Impl:
@@ -129,7 +133,8 @@ def lucidrains(device, quick=False) -> Impl:
         return wrapper.sample(batch_size=n)
 
     version = getattr(ddp, "__version__", None) or _dist_version("denoising-diffusion-pytorch")
-    return Impl("lucidrains", version, net, loss_fn, sample_fn, lambda net, x, t: net(x, t))
+    return Impl("lucidrains", version, net, loss_fn, sample_fn, lambda net, x, t: net(x, t),
+                QUICK_SIZE if quick else SIZE)
 
 
 def lucid_diffusion(quick=False):
@@ -139,7 +144,7 @@ def lucid_diffusion(quick=False):
     from denoising_diffusion_pytorch import Unet
 
     net = Unet(dim=32 if quick else 128, dim_mults=(1, 2) if quick else (1, 2, 2, 2), dropout=0.1)
-    return LucidDiffusion(net, image_size=32, timesteps=1000, sampling_timesteps=50,
+    return LucidDiffusion(net, image_size=QUICK_SIZE if quick else SIZE, timesteps=1000, sampling_timesteps=50,
                           objective="pred_noise", beta_schedule="linear")
 
 

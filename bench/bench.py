@@ -2,7 +2,7 @@
 
     python bench/bench.py --data data/cifar10-folder            # everything (about 15 minutes on an H100)
     python bench/bench.py --parts compute,sample                # no image folder needed
-    python bench/bench.py --quick --device cpu --data DIR       # toy networks: checks the script itself
+    python bench/bench.py --quick --device cpu --data DIR       # toy networks, 16x16: checks the script itself
 
 Parts: compute (training img/s on data already on the device, each implementation eager and compiled),
 sample (DDIM-50 img/s at batch 500), e2e (training img/s from the image folder: train.py's own loop for
@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--settings", default=None, help="eager,compile (default: both on CUDA, eager on the CPU)")
     p.add_argument("--data", default=None, help="image folder for the e2e and loss parts (CIFAR-10 as JPEGs)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--precision", choices=["bf16", "fp32"],
+                   help="autocast of every part (default: bf16 on CUDA; fp32 on the CPU, which emulates bf16 slowly)")
     p.add_argument("--quick", action="store_true", help="toy networks and sizes: a smoke test, not a benchmark")
     p.add_argument("--loss-steps", type=int, default=None, help="steps of each loss-curve run (default 2000)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
@@ -58,14 +59,16 @@ def parse_args(argv=None):
         p.error("--device cuda but no CUDA GPU is visible")
     if args.device == "cpu" and not args.quick:
         p.error("the full benchmark needs a CUDA GPU; use --quick for a CPU smoke run")
+    # Without bf16 instructions (AVX2) the smoke sizes trained 8x and sampled 27x slower in bf16 than in fp32
+    args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     if {"e2e", "loss"} & set(args.parts) and not (args.data and os.path.isdir(args.data)):
         p.error(f"the e2e and loss parts need --data, an image folder (got {args.data!r}); "
                 "python ../shared/data/unpack_cifar10.py DEST writes CIFAR-10 as one")
     args.settings = (args.settings or ("eager,compile" if args.device == "cuda" else "eager")).split(",")
-    # batch, sample batch, DDIM steps, timed iterations, e2e steps, e2e log interval, loss-curve steps
-    sizes = (16, 4, 3, 2, 6, 2, 10) if args.quick else (128, 500, 50, 20, 400, 50, 2000)
+    # batch, sample batch, DDIM steps, timed iterations, e2e steps, e2e log interval, loss-curve steps, matmul size
+    sizes = (4, 4, 3, 2, 6, 2, 10, 128) if args.quick else (128, 500, 50, 20, 400, 50, 2000, 8192)
     (args.batch, args.sample_batch, args.steps, args.iters, args.e2e_steps, args.log_every,
-     default_loss_steps) = sizes
+     default_loss_steps, args.matmul_n) = sizes
     args.loss_steps = args.loss_steps or default_loss_steps
     if args.loss_steps < 2 * args.log_every:
         p.error(f"--loss-steps must be at least {2 * args.log_every} (two logged intervals)")
@@ -117,16 +120,17 @@ def build(name, setting, args, device):
 
 def matmul_peak(args, device) -> float:
     """FLOP/s of a large bf16 matrix product: the ceiling that MFU is measured against."""
-    n = 1024 if args.quick else 8192
+    n = args.matmul_n
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     # about a second of warm-up on an H100 first, so the clocks have ramped up before the windows
     return 2 * n ** 3 / timed(lambda: a @ b, device, iters=args.iters * 5, warmup=2 if args.quick else 500)
 
 
 def forward_flops(impl, device) -> float:
-    """Forward FLOPs per image at 32x32, counted by torch.utils.flop_counter (a multiply-add is 2)."""
+    """Forward FLOPs per image at the implementation's image size, counted by torch.utils.flop_counter (a
+    multiply-add is 2)."""
     from torch.utils.flop_counter import FlopCounterMode
-    x, t = torch.randn(4, 3, 32, 32, device=device), torch.randint(0, 1000, (4,), device=device)
+    x, t = torch.randn(4, 3, impl.size, impl.size, device=device), torch.randint(0, 1000, (4,), device=device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         impl.forward(x, t)
     return counter.get_total_flops() / 4
@@ -137,7 +141,7 @@ def train_compute(name, setting, args, device) -> dict:
     impl = build(name, setting, args, device)
     params = list(impl.eager.parameters())
     opt = torch.optim.AdamW(params, lr=2e-4, fused=device.type == "cuda")
-    x = torch.rand(args.batch, 3, 32, 32, device=device) * 2 - 1
+    x = torch.rand(args.batch, 3, impl.size, impl.size, device=device) * 2 - 1
 
     def step():
         with autocast(args, device):
@@ -170,7 +174,9 @@ def train_py(args, device, overrides, steps, tmp) -> list[dict]:
            f"train.log_every={args.log_every}", f"train.save_every={steps}", f"train.sample_every={steps}",
            "train.sample_n=4", "sample.steps=2", f"train.batch_size={args.batch}",
            f"train.precision={args.precision}"] + (QUICK_OURS if args.quick else []) + overrides
-    done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+    # a hang in the smoke mode fails its test (the runs took 25-35 s on a busy 2-core machine); on a GPU the
+    # caller caps the time (bench/gpu_check.sh)
+    done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=300 if args.quick else None)
     if done.returncode:
         raise RuntimeError(f"train.py exited with {done.returncode}: {done.stderr.strip()[-500:]}")
     with open(os.path.join(tmp, "results", "bench", "plots", "losses.csv")) as f:

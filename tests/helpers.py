@@ -19,6 +19,7 @@ CONFIG = os.path.join(ROOT, "configs", "quickstart.yaml")
 TINY = ["data.dataset=shapes", "data.image_size=8", "data.num_images=64", "model.base_channels=16",
         "model.channel_mults=[1,2]", "model.num_res_blocks=1", "model.attention_resolutions=[4]",
         "model.dropout=0.0", "diffusion.timesteps=50", "train.batch_size=8", "train.lr=1e-3",
+        "diffusion.objective=eps", "diffusion.beta_schedule=linear",  # the quickstart has v, cosine
         "train.warmup_steps=2", "train.num_workers=0", "train.log_every=1", "train.save_every=5",
         "train.sample_every=1000", "train.sample_n=4", "sample.steps=3", "train.deterministic=true",
         "train.compile=false", "train.ema_decay=0.9"]

@@ -6,11 +6,12 @@ import datetime
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, assert_one_line_error, run_script
+from helpers import ROOT, assert_one_line_error
 from PIL import Image
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -18,17 +19,12 @@ import anchors  # noqa: E402
 
 import bench  # noqa: E402
 
-BENCH = os.path.join(ROOT, "bench", "bench.py")
-
 
 @pytest.fixture
-def missing_anchors(tmp_path):
-    """A PYTHONPATH entry under which `import diffusers` and `import denoising_diffusion_pytorch` fail."""
-    fake = tmp_path / "fake"
+def missing_anchors(monkeypatch):
+    """`import diffusers` and `import denoising_diffusion_pytorch` fail, whether or not they are installed."""
     for package in ("diffusers", "denoising_diffusion_pytorch"):
-        (fake / package).mkdir(parents=True)
-        (fake / package / "__init__.py").write_text(f'raise ImportError("No module named {package!r}")\n')
-    return {"PYTHONPATH": f"{fake}{os.pathsep}{ROOT}"}
+        monkeypatch.setitem(sys.modules, package, None)
 
 
 @pytest.fixture
@@ -42,35 +38,48 @@ def folder(tmp_path):
     return str(root)
 
 
-def test_quick_run_measures_ours_and_reports_missing_anchors(tmp_path, folder, missing_anchors):
+def quick_run(tmp_path, monkeypatch, capsys, *args):
+    """bench.py --quick on the CPU, in this process (its train.py runs are subprocesses, as always): one import
+    of torch less, 5-10 s on a busy 2-core machine. Returns (the day's record, printed output, its path)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for those train.py runs, as run_script does
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "results"
-    proc = run_script([BENCH, "--quick", "--device", "cpu", "--parts", "compute,sample,e2e,loss", "--data", folder,
-                       "--out", str(out)], cwd=tmp_path, env_extra=missing_anchors, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench.main(["--quick", "--device", "cpu", *args, "--out", str(out)])
     path = out / f"cpu-quick-{datetime.date.today().isoformat()}.json"
-    record = json.loads(path.read_text())
+    return json.loads(path.read_text()), capsys.readouterr().out, path
+
+
+def test_quick_run_measures_ours_and_reports_missing_anchors(tmp_path, folder, missing_anchors, monkeypatch, capsys):
+    record, stdout, path = quick_run(tmp_path, monkeypatch, capsys, "--parts", "compute,sample,e2e", "--data", folder)
     for key in ("gpu", "date", "command", "torch", "results"):
         assert record[key], key
-    assert "--parts compute,sample,e2e,loss" in record["command"]
+    assert "--parts compute,sample,e2e" in record["command"]
     ours = record["results"]["ours"]
     for key in ("train_img_per_s", "train_e2e_img_per_s", "sample_ddim50_img_per_s", "fwd_gflop_per_img", "mfu"):
         assert ours[key] > 0, key
-    assert "compute: eager" in ours["setting"] and "e2e: eager" in ours["setting"]
+    assert "compute: eager, fp32" in ours["setting"] and "e2e: eager" in ours["setting"]  # fp32: the CPU default
     assert ours["params"] == 702_499  # the quick network: base 32, mults (1, 2), one block
     for name, package in (("diffusers", "diffusers"), ("lucidrains", "denoising-diffusion-pytorch")):
         res = record["results"][name]
         assert "not measured" in res["error"] and f"pip install {package}" in res["error"]
         assert res["train_img_per_s"] is None and res["sample_ddim50_img_per_s"] is None
-    lc = record["loss_curve"]
-    steps = [[s for s, _ in curve] for curve in lc["curves"].values()]
-    assert steps[0] == [2, 4, 6, 8, 10] and all(s == steps[0] for s in steps)
-    # the same seed in fp32 follows the fast path far more closely than another seed does
-    assert lc["fast_vs_fp32"] < 0.5 * lc["seed0_vs_seed1"]
     # the table comes last, and the markdown file holds the command and the same table
-    tail = proc.stdout[proc.stdout.rindex("wrote "):]
-    assert "| train img/s, compute only |" in tail and tail.rstrip().splitlines()[-1].startswith("Loss over")
+    tail = stdout[stdout.rindex("wrote "):]
+    assert "| train img/s, compute only |" in tail and tail.rstrip().splitlines()[-1].startswith("| setting |")
     markdown = path.with_suffix(".md").read_text()
     assert record["command"] in markdown and "| train img/s, end to end |" in markdown
+
+
+def test_quick_loss_curves(tmp_path, folder, monkeypatch, capsys):
+    record, stdout, _ = quick_run(tmp_path, monkeypatch, capsys, "--parts", "loss", "--impls", "ours", "--data", folder)
+    lc = record["loss_curve"]
+    steps = [[s for s, _ in curve] for curve in lc["curves"].values()]
+    assert list(lc["curves"]) == ["fast", "fp32_eager", "fast_seed1"]
+    assert steps[0] == [2, 4, 6, 8, 10] and all(s == steps[0] for s in steps)
+    # On the CPU the fast path is fp32 eager too, so with the same seed train.py logs exactly the same losses
+    # (on a GPU this compares bf16 + compile with fp32); another seed logs other ones.
+    assert lc["fast_vs_fp32"] == 0 and lc["seed0_vs_seed1"] > 0
+    assert stdout.rstrip().splitlines()[-1].startswith("Loss over the first 10 steps")
 
 
 def flops_by_hand(model, x, t) -> float:
@@ -108,7 +117,7 @@ def test_full_size_network_has_the_ddpm_paper_parameter_count():
 
 def test_forward_flops_match_a_count_by_hand():
     impl = anchors.ours(torch.device("cpu"), quick=True)
-    x, t = torch.randn(4, 3, 32, 32), torch.randint(0, 1000, (4,))
+    x, t = torch.randn(4, 3, impl.size, impl.size), torch.randint(0, 1000, (4,))
     expected = flops_by_hand(impl.eager, x, t)
     assert bench.forward_flops(impl, torch.device("cpu")) == pytest.approx(expected, rel=0.01)
 
@@ -134,5 +143,8 @@ def test_merge_keeps_earlier_figures_of_the_day(tmp_path):
     (["--quick", "--parts", "e2e"], ["--data", "unpack_cifar10.py"]),
     (["--device", "cpu"], ["CUDA GPU", "--quick"]),
 ])
-def test_bad_input_is_one_line(tmp_path, args, needles):
-    assert_one_line_error(run_script([BENCH, *args], cwd=tmp_path), *needles)
+def test_bad_input_is_one_line(capsys, args, needles):
+    # in this process: a subprocess would spend its time importing torch (8-15 s each on a busy 2-core machine)
+    with pytest.raises(SystemExit) as e:
+        bench.main(args)
+    assert_one_line_error(SimpleNamespace(returncode=e.value.code, stderr=capsys.readouterr().err), *needles)

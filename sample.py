@@ -23,6 +23,7 @@ import time
 import numpy as np
 import torch
 
+import edit_cli
 from checkpoint import load_checkpoint, model_from_checkpoint
 from diffusion import GaussianDiffusion
 from distributed import close_distributed, setup_distributed, wait_for_all
@@ -142,6 +143,7 @@ def parse_args(argv=None):
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. sample.precision=fp32")
+    edit_cli.add_flags(p)
     return p.parse_intermixed_args(argv)
 
 
@@ -198,6 +200,9 @@ def run(args, rank, world, device):
     """Everything main does, on one of `world` processes: they share the --save-dir folder; rank 0 alone
     makes the pictures and prints."""
     say = print if rank == 0 else (lambda *a, **k: None)
+    if edit_cli.requested(args):
+        edit(args, world, device)
+        return
     cfg, model, diffusion, labels, nrow = load(args, device, say)
     out, schedules = check_outputs(args, cfg)
     s, n = cfg.sample, cfg.sample.n
@@ -216,6 +221,14 @@ def run(args, rank, world, device):
         print(f"forward: {args.forward}")
     if sampled:
         say(f"sampled {sampled} images in {elapsed:.1f} s ({sampled / elapsed:.3g} images/s)")
+
+
+def edit(args, world, device):
+    """--init, --interpolate and the other editing flags (edit_cli.py): image to image, inpainting, inversion,
+    interpolation."""
+    which = edit_cli.check_flags(args, world)
+    cfg, model, diffusion, labels, _ = load(args, device, print)
+    edit_cli.run(args, which, cfg, model, diffusion, labels if args.class_label is not None else None, device)
 
 
 @cli

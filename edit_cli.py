@@ -203,26 +203,26 @@ def write_json(path: str, data: dict) -> None:
 
 def claim_folder(folder: str, settings: dict, edit: str) -> None:
     """A --save-dir holds the results of one set of settings (FOLDER/settings.json): a rerun with the same ones
-    adds the missing files, other ones are refused. The inputs may differ where each file is named after its
-    input, so a folder can collect several runs' edits."""
+    adds the missing files, other ones are refused once it holds results. The inputs may differ where each file
+    is named after its input, so a folder can collect several runs' edits."""
     check_writable(folder, folder=True)
     path = os.path.join(folder, "settings.json")
     mine = {k: v for k, v in settings.items() if k != "init" or edit == "interpolate"}
-    if not os.path.isfile(path):
-        if any(name.endswith(".png") for name in os.listdir(folder)):
-            raise UserError(f"'{folder}' holds PNGs but no settings.json, so they are not this kind of edit's; "
-                            "choose another --save-dir")
-        write_json(path, mine)
-        return
-    try:
-        with open(path) as f:
-            theirs = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read '{path}' ({e}); choose another --save-dir") from None
-    for key in list(mine) + [k for k in theirs if k not in mine]:
-        if mine.get(key) != theirs.get(key):
-            raise UserError(f"'{folder}' holds edits made with other settings ({key}: {theirs.get(key)!r} there, "
-                            f"{mine.get(key)!r} now); choose another --save-dir")
+    has_results = any(name.endswith(".png") for _, _, names in os.walk(folder) for name in names)
+    if has_results and not os.path.isfile(path):
+        raise UserError(f"'{folder}' holds PNGs but no settings.json, so they are not this kind of edit's; "
+                        "choose another --save-dir")
+    if has_results:
+        try:
+            with open(path) as f:
+                theirs = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read '{path}' ({e}); choose another --save-dir") from None
+        for key in list(mine) + [k for k in theirs if k not in mine]:
+            if mine.get(key) != theirs.get(key):
+                raise UserError(f"'{folder}' holds edits made with other settings ({key}: {theirs.get(key)!r} "
+                                f"there, {mine.get(key)!r} now); choose another --save-dir")
+    write_json(path, mine)
 
 
 def save_tensor(x: torch.Tensor, path: str) -> None:

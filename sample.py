@@ -6,6 +6,8 @@
     python sample.py --ckpt ... --class-label all --guidance-scale 3     # class-conditional checkpoints
     python sample.py --ckpt ... --sampler dpmpp --steps 20               # DPM-Solver++(2M), 20 network calls
     torchrun --nproc_per_node=4 sample.py --ckpt ... --n 50000 --save-dir DIR   # the folder's batches split over 4
+    python sample.py --ckpt ... --init photo.png --strength 0.5          # editing: image to image, --mask, --invert,
+    python sample.py --ckpt ... --interpolate 8 --seed 1 --seed2 2       # --interpolate (edit_cli.py, editing.py)
 
 Defaults come from the `sample` section of the checkpoint's config; a flag given on the command line
 wins, and `sample.field=value` arguments override that section too (e.g. sample.precision=fp32, or

@@ -378,6 +378,11 @@ def test_bad_input_of_a_conditional_model_and_of_a_folder(cond_ckpt, ckpt, input
     run("--ckpt", ckpt, "--init", a, "--strength", 0.5, "--save-dir", tmp_path / "out")
     assert "(strength: 0.5 there, 0.7 now)" in fails(capsys, "--ckpt", ckpt, "--init", a, "--strength", 0.7,
                                                      "--save-dir", tmp_path / "out")
+    (tmp_path / "text.png").write_text("not an image")  # a run that fails before any result binds no settings
+    assert "cannot read" in fails(capsys, "--ckpt", ckpt, "--interpolate", 3, "--init", tmp_path / "text.png",
+                                  "--init2", a, "--save-dir", tmp_path / "row")
+    run("--ckpt", ckpt, "--interpolate", 3, "--init", a, "--init2", inputs / "b.png", "--save-dir", tmp_path / "row")
+    assert len(os.listdir(tmp_path / "row")) == 4
     run("--ckpt", ckpt, "--n", 2, "--save-dir", tmp_path / "plain")
     assert "no settings.json" in fails(capsys, "--ckpt", ckpt, "--init", a, "--save-dir", tmp_path / "plain")
 

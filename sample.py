@@ -6,6 +6,8 @@
     python sample.py --ckpt ... --class-label all --guidance-scale 3     # class-conditional checkpoints
     python sample.py --ckpt ... --sampler dpmpp --steps 20               # DPM-Solver++(2M), 20 network calls
     torchrun --nproc_per_node=4 sample.py --ckpt ... --n 50000 --save-dir DIR   # the folder's batches split over 4
+    python sample.py --ckpt ... --init photo.png --strength 0.5          # editing: image to image, --mask, --invert,
+    python sample.py --ckpt ... --interpolate 8 --seed 1 --seed2 2       # --interpolate (edit_cli.py, editing.py)
 
 Defaults come from the `sample` section of the checkpoint's config; a flag given on the command line
 wins, and `sample.field=value` arguments override that section too (e.g. sample.precision=fp32, or
@@ -23,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+import edit_cli
 from checkpoint import load_checkpoint, model_from_checkpoint
 from diffusion import GaussianDiffusion
 from distributed import close_distributed, setup_distributed, wait_for_all
@@ -143,6 +146,7 @@ def parse_args(argv=None):
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. sample.precision=fp32")
+    edit_cli.add_flags(p)
     return p.parse_intermixed_args(argv)
 
 
@@ -203,6 +207,9 @@ def run(args, rank, world, device):
     """Everything main does, on one of `world` processes: they share the --save-dir folder; rank 0 alone
     makes the pictures and prints."""
     say = print if rank == 0 else (lambda *a, **k: None)
+    if edit_cli.requested(args):
+        edit(args, world, device)
+        return
     cfg, model, diffusion, labels, nrow = load(args, device, say)
     out, schedules = check_outputs(args, cfg)
     s, n = cfg.sample, cfg.sample.n
@@ -221,6 +228,14 @@ def run(args, rank, world, device):
         print(f"forward: {args.forward}")
     if sampled:
         say(f"sampled {sampled} images in {elapsed:.1f} s ({sampled / elapsed:.3g} images/s)")
+
+
+def edit(args, world, device):
+    """--init, --interpolate and the other editing flags (edit_cli.py): image to image, inpainting, inversion,
+    interpolation."""
+    which = edit_cli.check_flags(args, world)
+    cfg, model, diffusion, labels, _ = load(args, device, print)
+    edit_cli.run(args, which, cfg, model, diffusion, labels if args.class_label is not None else None, device)
 
 
 @cli

@@ -163,10 +163,18 @@ def dpmpp_stepper(diffusion, denoise, timesteps, order: int):
 
 
 @torch.inference_mode()
-def sample_loop(diffusion, denoise, x, s, generator=None, record=()):
+def sample_loop(diffusion, denoise, x, s, generator=None, record=(), start=None):
     """Run sampler `s` from x (= x_T) down to x_0. Returns x_0, or (x_0, trajectory) when `record` names
-    timestep indices: trajectory = {'t': [...], 'x_t': [...], 'x0': [...]} (float32, on the CPU)."""
+    timestep indices: trajectory = {'t': [...], 'x_t': [...], 'x0': [...]} (float32, on the CPU).
+
+    start: begin part-way, at that timestep index, one of the sampler's own timesteps (x is then x_start):
+    the sampler runs over its timesteps at or below it, as if they were all it had (DPM-Solver++ warms up
+    from there as it does from T). None: from the top, T-1."""
     timesteps = sampler_timesteps(diffusion, s)
+    if start is not None:
+        if start not in timesteps:
+            raise ValueError(f"start={start} is not one of the sampler's timesteps")
+        timesteps = timesteps[timesteps.index(start):]
     if s.sampler == "dpmpp":
         step = dpmpp_stepper(diffusion, denoise, timesteps, s.order)
     else:

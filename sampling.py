@@ -44,17 +44,22 @@ def generate(model, diffusion, n, s, generator, device, cond=None, record=()):
 
     cond: (n,) labels for a class-conditional model (None: the null label); s.guidance_scale w != 1 turns
     on classifier-free guidance. x_T is the first draw from `generator`. `record`: timestep indices to
-    keep; then returns (x, trajectory) as samplers.sample_loop does. This is the one place the samplers
-    run under autocast: bf16 on GPUs that support it with precision 'auto', plain fp32 on the CPU."""
+    keep; then returns (x, trajectory) as samplers.sample_loop does. The samplers run under `autocast`
+    (here and in the edits of edit_cli.py): bf16 on GPUs that support it with precision 'auto', fp32 on the CPU."""
     device = torch.device(device)
     shape = (n, model.image_channels, model.image_size, model.image_size)
     x_T = torch.randn(shape, generator=generator, device=device)
     denoise = diffusion.denoiser(model, cond, s.guidance_scale, s.dynamic_threshold)
-    dtype = autocast_dtype(s.precision, device)
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with autocast(s, device):
         out = sample_loop(diffusion, denoise, x_T, s, generator, record=record)
     # the samplers clip x_0 when diffusion.clip_denoised; without it the last step may overshoot a little
     return (out[0].clamp(-1, 1), out[1]) if record else out.clamp(-1, 1)
+
+
+def autocast(s, device: torch.device):
+    """The samplers' autocast for precision s.precision: bf16 on GPUs that support it with 'auto', none on the CPU."""
+    dtype = autocast_dtype(s.precision, device)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def batch_generator(seed: int, start: int, size: int, device) -> torch.Generator:

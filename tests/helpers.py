@@ -55,14 +55,49 @@ def make_diffusion(**fields) -> GaussianDiffusion:
     return GaussianDiffusion(DiffusionConfig(**fields))
 
 
+def tiny_config(*overrides, config=None):
+    """TINY_CKPT + overrides on configs/cifar10.yaml (or on `config`)."""
+    return load_config(config or os.path.join(ROOT, "configs", "cifar10.yaml"), [*TINY_CKPT, *overrides])
+
+
 def tiny_checkpoint(path, *overrides, config=None) -> str:
     """A checkpoint of a random tiny network (TINY_CKPT + overrides on configs/cifar10.yaml, or on `config`);
     its EMA weights differ a little from the raw ones. Returns the path."""
-    cfg = load_config(config or os.path.join(ROOT, "configs", "cifar10.yaml"), [*TINY_CKPT, *overrides])
+    cfg = tiny_config(*overrides, config=config)
     model = perturb_zero_params(UNet.from_config(cfg), std=0.1)
     sd = model.state_dict()
     ema = {k: v + 0.02 * torch.randn(v.shape) if k == "conv_out.weight" else v for k, v in sd.items()}
     save_checkpoint({"step": 0, "config": to_dict(cfg), "model": sd, "ema": ema}, str(path))
+    return str(path)
+
+
+# the tiny network on 8x8 shapes with T = 100 on the cosine schedule, for trained_tiny_checkpoint
+TRAINED_TINY = ["data.image_size=8", "model.attention_resolutions=[4]", "diffusion.timesteps=100",
+                "diffusion.beta_schedule=cosine", "sample.steps=10"]
+
+
+def trained_tiny_checkpoint(path, *overrides, steps=120, num_images=2) -> str:
+    """A checkpoint of the tiny network (TINY_CKPT, TRAINED_TINY, then overrides) trained with Adam for `steps`
+    steps on the first `num_images` images of its data set (batches of 4 of them; about 6 s of one CPU core),
+    deterministic; the trained weights are its model and EMA alike. Returns the path."""
+    from dataset import build_dataset
+    cfg = tiny_config(*TRAINED_TINY, *overrides)
+    dataset = build_dataset(cfg.data)
+    x = torch.stack([dataset[i][0] for i in range(num_images)]).repeat(max(1, 4 // num_images), 1, 1, 1)
+    diffusion = GaussianDiffusion(cfg.diffusion)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = UNet.from_config(cfg).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        t = torch.randint(0, cfg.diffusion.timesteps, (len(x),), generator=g)
+        loss = diffusion.loss(model, x, t=t, noise=torch.randn(x.shape, generator=g))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    sd = model.state_dict()
+    save_checkpoint({"step": steps, "config": to_dict(cfg), "model": sd, "ema": sd}, str(path))
     return str(path)
 
 
@@ -98,6 +133,19 @@ def run_script(args, cwd, env_extra=None, timeout=300, **kwargs):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+def fails_in_process(capsys, main, *argv) -> str:
+    """main(argv as strings) in-process; expect exit code 2 and exactly one 'error: ...' line on stderr,
+    which is returned."""
+    import pytest
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
 
 
 def assert_one_line_error(proc, *needles):

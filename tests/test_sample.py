@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, files_in, run_script, tiny_checkpoint
+from helpers import ROOT, fails_in_process, files_in, run_script, tiny_checkpoint
 from PIL import Image, ImageSequence
 
 import sample
@@ -39,14 +39,7 @@ def run(*argv):
 
 
 def fails(capsys, *argv) -> str:
-    """Run in-process; expect exit code 2 and exactly one 'error: ...' line on stderr."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        run(*argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
+    return fails_in_process(capsys, sample.main, *argv)
 
 
 def grid_size(n, nrow):

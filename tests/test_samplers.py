@@ -186,6 +186,33 @@ def test_whole_trajectory_against_float64(order, steps):
     assert (ours.double() - expected).abs().max().item() < 2e-6
 
 
+def test_started_part_way_ddim_is_the_rest_of_a_whole_run():
+    """What image to image builds on: DDIM (eta 0) started at one of its timesteps from the x_t a whole run had
+    there ends where that run ends; a start that is not one of its timesteps is refused."""
+    d = make_diffusion(timesteps=20)
+    model = tiny_unet(seed=5)
+    s = SampleConfig(sampler="ddim", steps=5)
+    timesteps = sampler_timesteps(d, s)
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    x, trajectory = sample_loop(d, d.denoiser(model), x_T, s, record=timesteps)
+    assert torch.equal(sample_loop(d, d.denoiser(model), trajectory["x_t"][2], s, start=timesteps[2]), x)
+    with pytest.raises(ValueError, match="not one of the sampler's timesteps"):
+        sample_loop(d, d.denoiser(model), x_T, s, start=timesteps[1] - 1)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_started_part_way_dpmpp_warms_up_from_there(order):
+    """DPM-Solver++ from the 5th of its 12 timesteps is the float64 reference run over the last 8 alone: its
+    orders warm up again from the start (1, 2, 3, ...), as they do from T."""
+    d = make_diffusion(timesteps=1000, clip_denoised=False)
+    model = Gaussian64(ABAR, wiggle=0.1)
+    ts = spaced_timesteps(ABAR, 12, "logsnr")
+    x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(3)) * 0.5
+    s = SampleConfig(sampler="dpmpp", steps=12, order=order, spacing="logsnr")
+    ours = sample_loop(d, d.denoiser(model), x, s, start=ts[4])
+    assert (ours.double() - ref_dpmpp(model, x, ts[4:], order)).abs().max().item() < 2e-6
+
+
 @pytest.mark.parametrize("spacing", SPACINGS)
 def test_order_1_is_ddim_with_eta_0(spacing):
     """DPM-Solver++ 1 and DDIM eq. 12 (eta = 0) are the same update written in two ways; on the same timesteps,

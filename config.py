@@ -50,6 +50,12 @@ class ModelConfig:
     time_embedding: Literal["ddpm", "transformer"] = "ddpm"   # [sin | cos], or interleaved as in Vaswani et al.
     downsample_padding: Literal["same", "symmetric"] = "same"  # TensorFlow 'SAME' (bottom/right), or 1 each side
     norm_eps: float = 1e-6                                     # GroupNorm epsilon
+    # text-conditional models (text.py): captions through a text encoder, cross-attention in the U-Net
+    text_encoder: Literal["learned", "clip"] | None = None     # None: no text; learned with the U-Net; frozen CLIP
+    text_encoder_path: str = "openai/clip-vit-base-patch32"    # clip: a Hugging Face Hub name or a local folder
+    text_max_tokens: int = 32       # tokens per caption, the start token included; longer captions are cut
+    text_width: int = 256           # learned: width of the text transformer (heads of 64, one head below 64)
+    text_layers: int = 2            # learned: its number of layers
 
 
 @dataclass
@@ -86,7 +92,7 @@ class TrainConfig:
     keep_last: int = 3              # step checkpoints kept besides last.pt
     num_workers: int = 4
     max_nonfinite: int = 10         # consecutive non-finite losses before the run stops
-    cond_drop_prob: float = 0.1     # class-conditional only: fraction of labels replaced by the null label
+    cond_drop_prob: float = 0.1     # conditional only: fraction of labels (captions) replaced by the null one
     fid_every: int = 0              # 0 = off
     fid_samples: int = 5000
 
@@ -214,6 +220,7 @@ def validate(cfg: Config) -> Config:
     _check(m.norm_eps > 0, f"model.norm_eps must be positive, got {m.norm_eps}")
     _check(m.num_classes is None or m.num_classes == "auto" or m.num_classes >= 1,
            f"model.num_classes must be null, 'auto' or at least 1, got {m.num_classes}")
+    _validate_text(m)
     _check(df.timesteps >= 2, f"diffusion.timesteps must be at least 2, got {df.timesteps}")
     _check(0.0 < df.beta_start <= df.beta_end < 1.0,
            f"need 0 < diffusion.beta_start <= diffusion.beta_end < 1, got {df.beta_start}, {df.beta_end}")
@@ -227,11 +234,25 @@ def validate(cfg: Config) -> Config:
     _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
     _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     _check(0.0 <= t.cond_drop_prob < 1.0, f"train.cond_drop_prob must be in [0, 1), got {t.cond_drop_prob}")
-    _validate_sample(s, df.timesteps, m.num_classes)
+    _validate_sample(s, df.timesteps, m.num_classes is not None or m.text_encoder is not None)
     return cfg
 
 
-def _validate_sample(s: SampleConfig, timesteps: int, num_classes) -> None:
+def _validate_text(m: ModelConfig) -> None:
+    if m.text_encoder is None:
+        return
+    _check(m.num_classes is None, f"model.text_encoder={m.text_encoder} and model.num_classes={m.num_classes} cannot "
+           "be combined; set model.num_classes=null for a text-conditional model")
+    most = 77 if m.text_encoder == "clip" else None  # CLIP's position embeddings
+    _check(m.text_max_tokens >= 2 and (most is None or m.text_max_tokens <= most),
+           f"model.text_max_tokens must be at least 2 (the start token and one more)"
+           f"{f' and at most {most} with CLIP' if most else ''}, got {m.text_max_tokens}")
+    _check(m.text_width >= 1 and (m.text_width < 64 or m.text_width % 64 == 0),
+           f"model.text_width must be below 64 or a multiple of 64 (attention heads of 64), got {m.text_width}")
+    _check(m.text_layers >= 1, f"model.text_layers must be at least 1, got {m.text_layers}")
+
+
+def _validate_sample(s: SampleConfig, timesteps: int, conditional: bool) -> None:
     _check(1 <= s.steps <= timesteps,
            f"sample.steps must be between 1 and diffusion.timesteps={timesteps}, got {s.steps}")
     _check(s.eta >= 0, f"sample.eta must be >= 0, got {s.eta}")
@@ -240,9 +261,9 @@ def _validate_sample(s: SampleConfig, timesteps: int, num_classes) -> None:
            f"sample.eta={s.eta} (--eta) is for DDIM; DPM-Solver++ (sample.sampler=dpmpp) is deterministic, "
            "so leave eta at 0")
     _check(s.n >= 1 and s.batch_size >= 1, "sample.n and sample.batch_size must be at least 1")
-    _check(num_classes is not None or s.guidance_scale == 1.0,
-           f"sample.guidance_scale={s.guidance_scale} (--guidance-scale) needs a class-conditional model; this one "
-           "has model.num_classes null (trained without labels)")
+    _check(conditional or s.guidance_scale == 1.0,
+           f"sample.guidance_scale={s.guidance_scale} (--guidance-scale) needs a class-conditional or text-conditional "
+           "model; this one has model.num_classes and model.text_encoder null (trained without labels or captions)")
 
 
 def check_batch_split(train: TrainConfig, world: int = 1) -> None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from captions import caption_index, folder_captions, label_captions, shape_captions
+from captions import caption_index, caption_summary, folder_captions, label_captions, shape_captions
 from config import DataConfig, load_config
 from utils import ArgumentParser, UserError, atomic_write, cli, first_line, on_interrupt, save_grid, thread_map
 
@@ -476,6 +476,8 @@ def main(argv=None):
     classes = ", ".join(ds.classes[:10]) + (", ..." if len(ds.classes) > 10 else "")
     print(f"{cfg.data.dataset}: {len(ds)} images of {'x'.join(map(str, ds.shape))}, "
           f"{f'{len(ds.classes)} classes: {classes}' if ds.classes else 'no labels'}")
+    if cfg.model.text_encoder:  # what a text model would train on
+        print(caption_summary(build_dataset(cfg.data, captions=True)))
     pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:64]
     path = os.path.join("results", "data_preview.png")
     save_grid(torch.stack([ds[int(i)][0] for i in pick]), path)

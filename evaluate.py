@@ -117,6 +117,8 @@ def load_for_sampling(args, device):
     labels, n, _ = class_labels(args.class_label, cfg.model.num_classes, 50_000 if args.n is None else args.n)
     if prompts:  # cycled over the images, as class labels are
         model, labels = prompt_conditions(args, cfg.model, text_state, model, prompts, device)
+    elif cfg.model.text_encoder:
+        print("no --prompts: scoring samples of the empty caption (unconditional)")
     folder = args.samples_dir or default_samples_dir(cfg, step, args.class_label, prompts, args.negative_prompt)
     check_writable(folder, folder=True)
     return cfg, model, diffusion, step, labels, n, folder

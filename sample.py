@@ -169,6 +169,8 @@ def load(args, device, say):
     else:
         labels, n, nrow = class_labels(args.class_label, cfg.model.num_classes, cfg.sample.n)
         what = f"each of the {cfg.model.num_classes} classes (--class-label all)"
+        if cfg.model.text_encoder:
+            say("no --prompt: samples of the empty caption (unconditional)")
     if n != cfg.sample.n:
         say(f"{nrow} images for {what}, {n} in all")
         cfg.sample = dataclasses.replace(cfg.sample, n=n)

@@ -489,6 +489,17 @@ def test_resumed_text_run_is_exact(tmp_path, monkeypatch):
         assert all(torch.equal(v, b["optimizer"]["state"][k][n]) for n, v in state.items())
 
 
+def test_bf16_autocast_on_the_cpu(tmp_path, monkeypatch):
+    """A text model trains, draws its grid and samples by prompt under bf16 autocast, as on a GPU."""
+    monkeypatch.chdir(tmp_path)
+    train.main(["--config", CONFIG, "--name", "b", *TINY, *TINY_TEXT_CKPT, "train.max_steps=2",
+                "train.precision=bf16", "sample.precision=bf16"])
+    assert all(math.isfinite(v) for v in load_checkpoint("checkpoints/b/last.pt")["log"]["loss"])
+    sample.main(["--ckpt", "checkpoints/b/last.pt", "--prompt", "a red circle", "--n", "2", "--guidance-scale", "2",
+                 "--out", "g.png", "sample.precision=bf16"])
+    assert Image.open("g.png").size == (2 + 2 * (SIZE + 2), 2 + SIZE + 2)
+
+
 def test_from_config_needs_the_text_state():
     cfg = load_config(CONFIG, [*TINY, *TINY_TEXT_CKPT])
     with pytest.raises(UserError, match="holds no state of that encoder"):

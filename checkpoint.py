@@ -2,7 +2,8 @@
 
     {"format": FORMAT, "step": int, "config": nested dict (model.num_classes resolved),
      "model": state_dict, "ema": state_dict, "optimizer", "scheduler", "scaler": state_dicts,
-     "rng": {...}, "data": {"epoch", "batch"}, "log": {"step": [...], "loss": [...], ...}}
+     "rng": {...}, "data": {"epoch", "batch"}, "log": {"step": [...], "loss": [...], ...},
+     "text": the caption encoder's state of a text model (text.py: the vocabulary, or CLIP's width)}
 """
 import contextlib
 import os
@@ -120,7 +121,8 @@ def check_same_architecture(ckpt: dict, cfg, path: str) -> None:
     if saved["diffusion"]["timesteps"] != cfg.diffusion.timesteps:
         diffs.append(f"diffusion.timesteps: checkpoint {saved['diffusion']['timesteps']}, "
                      f"config {cfg.diffusion.timesteps}")
-    diffs = [d for d in diffs if not d.startswith("model.dropout")]  # dropout does not change the weights
+    # neither changes the weights: dropout, and where CLIP is read from (a moved folder)
+    diffs = [d for d in diffs if not d.startswith(("model.dropout", "model.text_encoder_path"))]
     if diffs:
         raise UserError(f"checkpoint '{path}' is from another architecture ({'; '.join(diffs)}); "
                         "use its config or start a new run with --name or --resume never")
@@ -136,6 +138,6 @@ def model_from_checkpoint(ckpt: dict, device, use_ema: bool = True, overrides=()
 
     `overrides` ('sample.steps=50', ...) change the checkpoint's config for this use only."""
     cfg = config_from_dict(ckpt["config"], overrides)
-    model = UNet.from_config(cfg)
+    model = UNet.from_config(cfg, ckpt.get("text"))
     load_weights(model, ckpt["ema" if use_ema else "model"], "the checkpoint's weights")
     return cfg, model.to(device).eval(), GaussianDiffusion(cfg.diffusion).to(device)

@@ -50,6 +50,12 @@ class ModelConfig:
     time_embedding: Literal["ddpm", "transformer"] = "ddpm"   # [sin | cos], or interleaved as in Vaswani et al.
     downsample_padding: Literal["same", "symmetric"] = "same"  # TensorFlow 'SAME' (bottom/right), or 1 each side
     norm_eps: float = 1e-6                                     # GroupNorm epsilon
+    # text-conditional models (text.py): captions through a text encoder, cross-attention in the U-Net
+    text_encoder: Literal["learned", "clip"] | None = None     # None: no text; learned with the U-Net; frozen CLIP
+    text_encoder_path: str = "openai/clip-vit-base-patch32"    # clip: a Hugging Face Hub name or a local folder
+    text_max_tokens: int = 32       # tokens per caption, the start token included; longer captions are cut
+    text_width: int = 256           # learned: width of the text transformer (heads of 64, one head below 64)
+    text_layers: int = 2            # learned: its number of layers
 
 
 @dataclass
@@ -86,7 +92,7 @@ class TrainConfig:
     keep_last: int = 3              # step checkpoints kept besides last.pt
     num_workers: int = 4
     max_nonfinite: int = 10         # consecutive non-finite losses before the run stops
-    cond_drop_prob: float = 0.1     # class-conditional only: fraction of labels replaced by the null label
+    cond_drop_prob: float = 0.1     # conditional only: fraction of labels (captions) replaced by the null one
     fid_every: int = 0              # 0 = off
     fid_samples: int = 5000
 
@@ -216,6 +222,7 @@ RANGES = {
     "data.image_size": Range(8), "data.num_images": AT_LEAST_1, "data.seed": SEED, "data.preload_max_gib": POSITIVE,
     "model.base_channels": AT_LEAST_1, "model.num_res_blocks": AT_LEAST_1, "model.num_heads": AT_LEAST_1,
     "model.dropout": FRACTION, "model.norm_eps": Range(0, 1, open_low=True, open_high=True),
+    "model.text_max_tokens": Range(2), "model.text_width": AT_LEAST_1, "model.text_layers": AT_LEAST_1,
     "diffusion.timesteps": Range(2), "diffusion.beta_start": Range(0, 1, True, True),
     "diffusion.beta_end": Range(0, 1, True, True),
     "train.max_steps": AT_LEAST_0, "train.batch_size": AT_LEAST_1, "train.lr": POSITIVE,
@@ -261,18 +268,30 @@ def validate(cfg: Config) -> Config:
     _check(df.beta_start <= df.beta_end,
            f"need diffusion.beta_start <= diffusion.beta_end, got {df.beta_start}, {df.beta_end}")
     check_batch_split(t)
-    _validate_sample(cfg.sample, df.timesteps, m.num_classes)
+    _validate_text(m)
+    _validate_sample(cfg.sample, df.timesteps, m.num_classes is not None or m.text_encoder is not None)
     return cfg
 
 
-def _validate_sample(s: SampleConfig, timesteps: int, num_classes) -> None:
+def _validate_text(m: ModelConfig) -> None:
+    if m.text_encoder is None:
+        return
+    _check(m.num_classes is None, f"model.text_encoder={m.text_encoder} and model.num_classes={m.num_classes} cannot "
+           "be combined; set model.num_classes=null for a text-conditional model")
+    _check(m.text_encoder != "clip" or m.text_max_tokens <= 77,  # CLIP's position embeddings
+           f"model.text_max_tokens must be at most 77 with CLIP, got {m.text_max_tokens}")
+    _check(m.text_width < 64 or m.text_width % 64 == 0,
+           f"model.text_width must be below 64 or a multiple of 64 (attention heads of 64), got {m.text_width}")
+
+
+def _validate_sample(s: SampleConfig, timesteps: int, conditional: bool) -> None:
     _check(s.steps <= timesteps, f"sample.steps must be between 1 and diffusion.timesteps={timesteps}, got {s.steps}")
     _check(s.sampler != "dpmpp" or s.eta == 0,
            f"sample.eta={s.eta} (--eta) is for DDIM; DPM-Solver++ (sample.sampler=dpmpp) is deterministic, "
            "so leave eta at 0")
-    _check(num_classes is not None or s.guidance_scale == 1.0,
-           f"sample.guidance_scale={s.guidance_scale} (--guidance-scale) needs a class-conditional model; this one "
-           "has model.num_classes null (trained without labels)")
+    _check(conditional or s.guidance_scale == 1.0,
+           f"sample.guidance_scale={s.guidance_scale} (--guidance-scale) needs a class-conditional or text-conditional "
+           "model; this one has model.num_classes and model.text_encoder null (trained without labels or captions)")
 
 
 def check_batch_split(train: TrainConfig, world: int = 1) -> None:

@@ -1,6 +1,7 @@
 """Training images: the data sets as uint8 arrays, and an endless, exactly resumable stream of batches.
 
     ds = build_dataset(cfg.data)              # ds[i] -> (x float32 C x H x W in [-1, 1], label or -1)
+    ds = build_dataset(cfg.data, captions=True)   # ... label = caption id: ds.captions[label] (captions.py)
     batches = Batches(ds, 128, seed=0, device=device, hflip=True, preload=preload_wanted(cfg.data, ds))
     x, y = next(batches)                      # on `device`; state_dict() / load_state_dict() resume exactly
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from captions import caption_index, caption_summary, folder_captions, label_captions, shape_captions
 from config import DataConfig, load_config
 from utils import ArgumentParser, UserError, atomic_write, cli, first_line, on_interrupt, save_grid, thread_map
 
@@ -45,13 +47,15 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
 
 class ImageDataset(Dataset):
     """Images with integer labels (-1 when unlabelled); ds[i] = (float32 C x H x W in [-1, 1], label).
+    In a captioned set (build_dataset(..., captions=True)) the label of an image is the index of its caption
+    in `captions`, the distinct captions with the empty one first.
 
     The images are either a uint8 N x C x H x W tensor in memory (`images`) or, for a folder not yet
     loaded with load_uint8, image files (`files`) decoded on demand."""
 
     def __init__(self, cfg: DataConfig, labels: torch.Tensor, classes, images=None, files=None):
         self.cfg, self.labels, self.classes = cfg, labels, list(classes)
-        self.images, self.files = images, files
+        self.images, self.files, self.captions = images, files, None
         self.shape = (cfg.channels, cfg.image_size, cfg.image_size)
 
     def __len__(self):
@@ -66,14 +70,20 @@ class ImageDataset(Dataset):
         return self._read(i)[0]
 
     def _read(self, i):
-        """Image i and its label. An unreadable file is skipped, with a warning, for the next readable one
-        (and that one's label), so one bad JPEG never ends a run and the preload and DataLoader paths agree."""
+        """Image i and its label."""
         if self.images is not None:
             return self.images[i], int(self.labels[i])
+        x, j = self._decode_readable(i)
+        return x, int(self.labels[j])
+
+    def _decode_readable(self, i):
+        """(image file i decoded, i). An unreadable file is skipped, with a warning, for the next readable one j
+        (and j is returned, so its label goes with it): one bad JPEG never ends a run, and the preload and
+        DataLoader paths agree."""
         n = len(self.files)
         for j in (k % n for k in range(i, i + n)):
             try:
-                return _decode(self.files[j], self.cfg.image_size, self.cfg.channels), int(self.labels[j])
+                return _decode(self.files[j], self.cfg.image_size, self.cfg.channels), j
             except Exception as e:  # PIL fails in many ways (OSError, SyntaxError, DecompressionBombError...)
                 warnings.warn(f"skipping unreadable image '{self.files[j]}' ({type(e).__name__}: {e})")
         raise UserError(f"none of the {n} images under '{self.cfg.root}' can be read; check the files")
@@ -114,14 +124,31 @@ def _decode(path: str, size: int, channels: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- building the sets
 
-def build_dataset(cfg: DataConfig) -> ImageDataset:
-    """The data set named by cfg.dataset, images cfg.channels x cfg.image_size x cfg.image_size."""
+def build_dataset(cfg: DataConfig, captions: bool = False) -> ImageDataset:
+    """The data set named by cfg.dataset, images cfg.channels x cfg.image_size x cfg.image_size; with
+    `captions`, labelled by caption (see ImageDataset) instead of by class."""
     if cfg.dataset == "shapes":
         images, labels = make_shapes(cfg.num_images, cfg.image_size, cfg.channels, cfg.seed)
-        return ImageDataset(cfg, labels, SHAPES, images=images)
+        ds = ImageDataset(cfg, labels, SHAPES, images=images)
+    elif cfg.dataset == "folder":
+        ds = _folder_dataset(cfg)
+    else:
+        ds = _torchvision_dataset(cfg)
+    if captions:
+        ds.captions, ds.labels = caption_index(_captions_of(ds))
+        ds.classes = []
+    return ds
+
+
+def _captions_of(ds: ImageDataset) -> list[str]:
+    """Each image's caption (captions.py), while the labels are still the classes."""
+    cfg = ds.cfg
+    if cfg.dataset == "shapes":
+        hues = _shape_draws(cfg.num_images, cfg.image_size, cfg.channels, cfg.seed)["hue"]
+        return shape_captions(ds.labels, hues, cfg.channels, SHAPES)
     if cfg.dataset == "folder":
-        return _folder_dataset(cfg)
-    return _torchvision_dataset(cfg)
+        return folder_captions(ds.files, cfg.root)
+    return label_captions(cfg.dataset, ds.classes, ds.labels)
 
 
 def _torchvision_dataset(cfg: DataConfig) -> ImageDataset:
@@ -208,15 +235,8 @@ def make_shapes(n: int, size: int, channels: int, seed: int):
     Each shape spans 60-90% of the image in width and height (covering roughly 20-60% of it). Edges are
     anti-aliased analytically: a pixel's coverage is 0.5 minus its signed distance (in pixels) to the
     outline, clipped to [0, 1], which looks like supersampling at a fraction of the cost."""
-    rng = np.random.default_rng(seed)
-    kind = rng.integers(0, len(SHAPES), n)
-    r = rng.uniform(0.3, 0.45, n) * size  # half the extent, in pixels
-    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)  # the whole shape inside the image
-    if channels == 3:
-        fg = _hsv_to_rgb(rng.uniform(0, 1, n), rng.uniform(0.7, 1, n), rng.uniform(0.85, 1, n))
-        bg = _hsv_to_rgb(rng.uniform(0, 1, n), rng.uniform(0, 0.6, n), rng.uniform(0.05, 0.3, n))
-    else:
-        fg, bg = rng.uniform(0.7, 1, (n, 1)), rng.uniform(0, 0.3, (n, 1))
+    draws = _shape_draws(n, size, channels, seed)
+    kind, r, cx, cy, fg, bg = (draws[k] for k in ("kind", "r", "cx", "cy", "fg", "bg"))
     p = np.arange(size) + 0.5  # pixel centres
     images = np.empty((n, channels, size, size), dtype=np.uint8)
     step = max(1, 2 ** 22 // size ** 2)  # images per chunk: a few million pixels keep the arrays small
@@ -236,6 +256,23 @@ def make_shapes(n: int, size: int, channels: int, seed: int):
     return torch.from_numpy(images), torch.from_numpy(kind)
 
 
+def _shape_draws(n: int, size: int, channels: int, seed: int) -> dict:
+    """The random choices behind make_shapes's images: kind, half extent r and centre (cx, cy) in pixels, and
+    the foreground and background colours (RGB: from HSV, with the foreground's hue in [0, 1) kept as `hue`)."""
+    rng = np.random.default_rng(seed)
+    kind = rng.integers(0, len(SHAPES), n)
+    r = rng.uniform(0.3, 0.45, n) * size  # half the extent, in pixels
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)  # the whole shape inside the image
+    hue = None
+    if channels == 3:
+        hue = rng.uniform(0, 1, n)
+        fg = _hsv_to_rgb(hue, rng.uniform(0.7, 1, n), rng.uniform(0.85, 1, n))
+        bg = _hsv_to_rgb(rng.uniform(0, 1, n), rng.uniform(0, 0.6, n), rng.uniform(0.05, 0.3, n))
+    else:
+        fg, bg = rng.uniform(0.7, 1, (n, 1)), rng.uniform(0, 0.3, (n, 1))
+    return {"kind": kind, "r": r, "cx": cx, "cy": cy, "hue": hue, "fg": fg, "bg": bg}
+
+
 def _hsv_to_rgb(h, s, v):
     """Vectorised HSV to RGB (all in [0, 1]): n values each -> n x 3."""
     k = (np.array([5, 3, 1]) + 6 * h[:, None]) % 6
@@ -248,7 +285,9 @@ def load_uint8(ds: ImageDataset, cfg: DataConfig):
     """All images decoded once: (uint8 N x C x H x W, int64 labels N), on the CPU.
 
     A folder is decoded on the first run and cached next to its images, keyed by the file names, sizes and
-    modification times (a changed folder is decoded again); the data set keeps the array afterwards."""
+    modification times (a changed folder is decoded again); the data set keeps the array afterwards. The cache
+    holds the images and the file each came from (an unreadable one is replaced), not the labels, which are
+    the classes or the captions of that file."""
     if ds.images is None:
         ds.images, ds.labels = _load_folder(ds, cfg)
     return ds.images, ds.labels
@@ -267,21 +306,22 @@ def _load_folder(ds: ImageDataset, cfg: DataConfig):
     prefix = f".ddpm-cache-{cfg.image_size}-{cfg.channels}-"
     path = os.path.join(cfg.root, f"{prefix}{folder_signature(ds.files, cfg.root)}.npz")
     if os.path.isfile(path):
-        try:
+        try:  # a cache of an older version (without sources) or a damaged one is simply decoded again
             with np.load(path) as z:
-                images, labels = torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])
-            if images.shape == (len(ds), *ds.shape) and labels.shape == (len(ds),):
+                images, sources = torch.from_numpy(z["images"]), torch.from_numpy(z["sources"])
+            if images.shape == (len(ds), *ds.shape) and sources.shape == (len(ds),):
                 print(f"reusing the {len(ds)} decoded images cached in {path}")
-                return images, labels
-        except Exception:  # a damaged cache is simply decoded again
+                return images, ds.labels[sources]
+        except Exception:
             pass
     print(f"decoding {len(ds)} images under {cfg.root} (once: the result is cached for later runs)")
     images = torch.empty(len(ds), *ds.shape, dtype=torch.uint8)
-    labels = torch.empty(len(ds), dtype=torch.int64)
-    for i, (x, y) in enumerate(thread_map(ds._read, range(len(ds)))):
-        images[i], labels[i] = x, y
+    sources = torch.empty(len(ds), dtype=torch.int64)
+    for i, (x, j) in enumerate(thread_map(ds._decode_readable, range(len(ds)))):
+        images[i], sources[i] = x, j
+    labels = ds.labels[sources]
     try:
-        atomic_write(path, lambda f: np.savez(f, images=images.numpy(), labels=labels.numpy()))
+        atomic_write(path, lambda f: np.savez(f, images=images.numpy(), sources=sources.numpy()))
     except UserError as e:  # a read-only data folder: decode again next time
         print(f"not caching the decoded images: {e}")
         return images, labels
@@ -436,6 +476,8 @@ def main(argv=None):
     classes = ", ".join(ds.classes[:10]) + (", ..." if len(ds.classes) > 10 else "")
     print(f"{cfg.data.dataset}: {len(ds)} images of {'x'.join(map(str, ds.shape))}, "
           f"{f'{len(ds.classes)} classes: {classes}' if ds.classes else 'no labels'}")
+    if cfg.model.text_encoder:  # what a text model would train on
+        print(caption_summary(build_dataset(cfg.data, captions=True)))
     pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:64]
     path = os.path.join("results", "data_preview.png")
     save_grid(torch.stack([ds[int(i)][0] for i in pick]), path)

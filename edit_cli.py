@@ -186,6 +186,8 @@ def settings_of(args, edit: str, cfg, diffusion) -> dict:
     out = {"edit": edit, "ckpt": args.ckpt, "ema": not args.no_ema, **sampler_record(s, cfg.diffusion.timesteps),
            "seed": s.seed, "batch_size": s.batch_size, "precision": s.precision, "class_label": args.class_label,
            "init": args.init}
+    if cfg.model.text_encoder:
+        out.update(prompt=args.prompt, prompts=args.prompts, negative_prompt=args.negative_prompt)
     if edit == "img2img":
         n = len(sampler_timesteps(diffusion, s))
         out.update(strength=args.strength, steps_run=editing.strength_steps(n, args.strength),

@@ -8,12 +8,19 @@ and attention at 16x16 it has the paper's 35.7M parameters.
 By default it is the network of the paper's code (hojonathanho/diffusion) exactly, so its weights load (convert.py):
 the [sin | cos] timestep embedding, TensorFlow's 'SAME' padding when downsampling and GroupNorm's eps = 1e-6.
 `model.time_embedding`, `model.downsample_padding` and `model.norm_eps` select the earlier choices of this toolkit.
+
+A text-conditional model (`model.text_encoder`, see text.py) adds what Rombach et al. 2022 add to it: cross-attention
+from the image features to the caption's token embeddings after each self-attention, and the pooled caption
+embedding added to the timestep embedding. Both enter through zero-initialised layers, so a fresh text model is the
+unconditional one.
 """
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from text import LearnedTextEncoder, text_dims
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, kind: str) -> torch.Tensor:
@@ -87,17 +94,43 @@ class Attention(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
-class Block(nn.Module):
-    """A residual block, followed by attention at the resolutions that have it."""
+class CrossAttention(nn.Module):
+    """Multi-head attention from the H*W positions of a feature map (queries) to the L token embeddings of a
+    caption (keys and values), with a residual connection: x + proj(softmax(q k^T / sqrt(d)) v)."""
 
-    def __init__(self, in_ch, out_ch, emb_dim, dropout, attention: bool, num_heads: int, eps: float):
+    def __init__(self, channels: int, context_dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = group_norm(channels, eps)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        q = self.q(self.norm(x)).reshape(b, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2)
+        # (B, L, 2C) -> keys and values of (B, heads, L, head_dim)
+        k, v = self.kv(context).reshape(b, -1, 2, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Block(nn.Module):
+    """A residual block, followed by attention at the resolutions that have it (and there, in a text model,
+    cross-attention to the caption)."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, dropout, attention: bool, num_heads: int, eps: float,
+                 context_dim: int | None = None):
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, emb_dim, dropout, eps)
         self.attn = Attention(out_ch, num_heads, eps) if attention else None
+        self.cross = CrossAttention(out_ch, context_dim, num_heads, eps) if attention and context_dim else None
 
-    def forward(self, x, emb):
+    def forward(self, x, emb, context=None):
         x = self.res(x, emb)
-        return self.attn(x) if self.attn is not None else x
+        if self.attn is not None:
+            x = self.attn(x)
+        return self.cross(x, context) if self.cross is not None else x
 
 
 class Downsample(nn.Module):
@@ -109,7 +142,7 @@ class Downsample(nn.Module):
         self.pad = (0, 1, 0, 1) if padding == "same" else None
         self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if self.pad else 1)
 
-    def forward(self, x, emb=None):
+    def forward(self, x, emb=None, context=None):
         return self.conv(F.pad(x, self.pad) if self.pad else x)
 
 
@@ -125,7 +158,9 @@ class Upsample(nn.Module):
 class UNet(nn.Module):
     """eps_theta(x_t, t, cond): the U-Net of the paper, shaped by a ModelConfig (config.py holds the defaults)."""
 
-    def __init__(self, cfg, image_channels: int, image_size: int):
+    def __init__(self, cfg, image_channels: int, image_size: int, vocab_size: int | None = None,
+                 text_width: int | None = None):
+        """vocab_size: the learned text encoder's (text.text_dims); text_width: that of CLIP's embeddings."""
         super().__init__()
         if cfg.num_classes == "auto":
             raise ValueError("resolve model.num_classes='auto' from the data set before building the model")
@@ -136,10 +171,11 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # labels 0..num_classes-1 and one extra 'null' label (index num_classes) for classifier-free guidance
         self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
+        context_dim = self._text_layers(cfg, emb_dim, vocab_size, text_width)
         self.conv_in = nn.Conv2d(image_channels, ch, 3, padding=1)
 
         def block(in_ch, out_ch, attention):
-            return Block(in_ch, out_ch, emb_dim, cfg.dropout, attention, cfg.num_heads, cfg.norm_eps)
+            return Block(in_ch, out_ch, emb_dim, cfg.dropout, attention, cfg.num_heads, cfg.norm_eps, context_dim)
 
         self.down, skip_channels, res = nn.ModuleList(), [ch], image_size
         for level, mult in enumerate(mults):
@@ -166,32 +202,61 @@ class UNet(nn.Module):
         self.norm_out = group_norm(ch, cfg.norm_eps)
         self.conv_out = zero_init(nn.Conv2d(ch, image_channels, 3, padding=1))
 
+    def _text_layers(self, cfg, emb_dim, vocab_size, text_width) -> int | None:
+        """The learned text encoder and the projection of the pooled caption embedding of a text model; returns
+        the width of the token embeddings that cross-attention reads (None without text)."""
+        self.text_encoder = self.text_proj = None
+        self.text_shape = None  # the shape of one caption's condition
+        if cfg.text_encoder is None:
+            return None
+        if cfg.text_encoder == "learned":
+            if vocab_size is None:
+                raise ValueError("a learned text encoder needs its vocabulary size (text.text_dims)")
+            self.text_encoder = LearnedTextEncoder(vocab_size, cfg.text_width, cfg.text_layers, cfg.text_max_tokens)
+            text_width, self.text_shape = cfg.text_width, (cfg.text_max_tokens,)
+        elif text_width is None:
+            raise ValueError("a CLIP-conditioned model needs CLIP's width (text.text_dims)")
+        else:
+            self.text_shape = (1 + cfg.text_max_tokens, text_width)
+        self.text_proj = zero_init(nn.Linear(text_width, emb_dim))
+        return text_width
+
     @classmethod
-    def from_config(cls, cfg):
-        """The network of a whole Config: its model section at the data's channels and image size."""
-        return cls(cfg.model, cfg.data.channels, cfg.data.image_size)
+    def from_config(cls, cfg, text_state=None):
+        """The network of a whole Config: its model section at the data's channels and image size; a text model
+        also needs its caption encoder's state (text.py: the vocabulary, or CLIP's width)."""
+        return cls(cfg.model, cfg.data.channels, cfg.data.image_size, **text_dims(cfg.model, text_state))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        """The 'no condition' input of classifier-free guidance, batched like `cond`: the null label."""
-        return torch.full_like(cond, self.num_classes)
+        """The 'no condition' input of classifier-free guidance, batched like `cond`: the null label, or for a
+        text model the empty caption, which is all zeros (text.py)."""
+        return torch.zeros_like(cond) if self.text_proj is not None else torch.full_like(cond, self.num_classes)
 
     def forward(self, x, t, cond=None):
-        """Predict from x_t (B x C x H x W) at integer steps t (B,); cond (B,) labels, or None for the null label."""
+        """Predict from x_t (B x C x H x W) at integer steps t (B,). cond: (B,) labels, or a text model's
+        encoded captions (text.py); None for the null condition."""
         emb = self.time_mlp(timestep_embedding(t, self.conv_in.out_channels, self.time_embedding))
+        context = None
         if self.label_emb is not None:
             if cond is None:
                 cond = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.label_emb(cond)
+        elif self.text_proj is not None:
+            if cond is None:
+                dtype = torch.long if self.text_encoder is not None else torch.float32
+                cond = torch.zeros((x.shape[0], *self.text_shape), device=x.device, dtype=dtype)
+            context = self.text_encoder(cond) if self.text_encoder is not None else cond.float()
+            emb = emb + self.text_proj(context[:, 0])  # the pooled embedding: <cls> (learned) or CLIP's pooled
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:
-            h = layer(h, emb)
+            h = layer(h, emb, context)
             skips.append(h)
         for layer in self.mid:
-            h = layer(h, emb)
+            h = layer(h, emb, context)
         for layer in self.up:
-            h = layer(torch.cat([h, skips.pop()], dim=1), emb) if isinstance(layer, Block) else layer(h)
+            h = layer(torch.cat([h, skips.pop()], dim=1), emb, context) if isinstance(layer, Block) else layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -4,6 +4,7 @@
     python sample.py --ckpt ... --n 50000 --save-dir results/cifar10/samples   # one PNG each, resumable
     python sample.py --ckpt ... --process process.png --gif denoise.gif --forward forward.png
     python sample.py --ckpt ... --class-label all --guidance-scale 3     # class-conditional checkpoints
+    python sample.py --ckpt ... --prompt "a red triangle" --prompt "a blue circle" --guidance-scale 3   # text
     python sample.py --ckpt ... --sampler dpmpp --steps 20               # DPM-Solver++(2M), 20 network calls
     torchrun --nproc_per_node=4 sample.py --ckpt ... --n 50000 --save-dir DIR   # the folder's batches split over 4
     python sample.py --ckpt ... --init photo.png --strength 0.5          # editing: image to image, --mask, --invert,
@@ -42,6 +43,7 @@ from sampling import (
     sample_to_folder,
     sampler_overrides,
 )
+from text import add_prompt_flags, prompt_conditions, read_prompts
 from utils import (
     ArgumentParser,
     UserError,
@@ -50,9 +52,11 @@ from utils import (
     cli,
     image_format,
     make_grid,
+    read_text,
     save_grid,
     to_pil,
     to_uint8,
+    writing,
 )
 
 # ---- pictures of the process ----------------------------------------------------------------------------
@@ -136,6 +140,7 @@ def parse_args(argv=None):
     add_sampler_flags(p)
     p.add_argument("--class-label", help="class-conditional only: K, K1,K2,... (cycled), or 'all' "
                                          "(one grid row per class); default: cycle over all classes")
+    add_prompt_flags(p)
     p.add_argument("--out", help="grid PNG (default results/<name>/grid.png when no other output is asked for)")
     p.add_argument("--save-dir", help="folder with one PNG per image; --n is the total, existing ones are kept")
     p.add_argument("--process", help="PNG of the denoising steps of a few samples, with the predicted x_0")
@@ -151,18 +156,68 @@ def parse_args(argv=None):
 
 
 def load(args, device, say):
-    """(cfg, model, diffusion, labels, nrow) of --ckpt with the command line's settings; cfg.sample.n is the
-    number of images (a multiple of the classes with --class-label all)."""
+    """(cfg, model, diffusion, labels, nrow, image prompts) of --ckpt with the command line's settings; cfg.sample.n
+    is the number of images (a multiple of the classes with --class-label all, of the prompts with prompts).
+    labels are the conditions, nrow the images per grid row when each row has one condition, and image prompts
+    the prompt of each image (None without prompts)."""
     ckpt = load_checkpoint(args.ckpt)
     flags = sampler_overrides(args) + ([f"sample.n={args.n}"] if args.n is not None else [])
     cfg, model, diffusion = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema,
                                                   overrides=args.overrides + flags)
+    text_state = ckpt.get("text")
     del ckpt  # the weights now live in the model
-    labels, n, nrow = class_labels(args.class_label, cfg.model.num_classes, cfg.sample.n)
+    prompts = read_prompts(args, cfg.model, cfg.sample.guidance_scale)
+    image_prompts = None
+    if prompts:
+        model, labels, n, nrow, image_prompts = prompt_rows(args, cfg, text_state, model, prompts, device, say)
+        what = f"each of the {len(prompts)} prompts"
+    else:
+        labels, n, nrow = class_labels(args.class_label, cfg.model.num_classes, cfg.sample.n)
+        what = f"each of the {cfg.model.num_classes} classes (--class-label all)"
+        if cfg.model.text_encoder:
+            say("no --prompt: samples of the empty caption (unconditional)")
     if n != cfg.sample.n:
-        say(f"--class-label all: {nrow} images for each of the {cfg.model.num_classes} classes, {n} in all")
+        say(f"{nrow} images for {what}, {n} in all")
         cfg.sample = dataclasses.replace(cfg.sample, n=n)
-    return cfg, model, diffusion, labels, nrow
+    return cfg, model, diffusion, labels, nrow, image_prompts
+
+
+# ---- prompts of text-conditional models -------------------------------------------------------------------------
+
+
+def prompt_rows(args, cfg, text_state, model, prompts, device, say):
+    """(model, conditions, n, nrow, image prompts) for P prompts: a grid row of max(1, n // P) images for each,
+    n rounded to a multiple of P. The model guides away from --negative-prompt when it is given."""
+    model, conds = prompt_conditions(args, cfg.model, text_state, model, prompts, device, say)
+    per = max(1, cfg.sample.n // len(prompts))
+    return model, conds.repeat_interleave(per, dim=0), per * len(prompts), per, [p for p in prompts for _ in range(per)]
+
+
+def check_prompt_files(folder: str, image_prompts, write: bool) -> None:
+    """The prompt of each image i of a --save-dir folder in i.txt beside it, written (`write`) before the images
+    are, so that every image has its own. A folder whose images were made with other prompts, or without, is
+    refused rather than filled up with these."""
+    os.makedirs(folder, exist_ok=True)
+    done = existing_images(folder)
+    if image_prompts is None:
+        if any(os.path.isfile(os.path.join(folder, f"{i:07d}.txt")) for i in done):
+            raise UserError(f"--save-dir '{folder}' holds images of prompts (see its .txt files); give the same "
+                            "--prompt/--prompts, or another folder")
+        return
+    for i, prompt in enumerate(image_prompts):
+        path = os.path.join(folder, f"{i:07d}.txt")
+        if os.path.isfile(path):
+            if (old := read_text(path, "prompt file").strip()) != prompt:
+                raise UserError(f"--save-dir '{folder}' was made with other prompts ({path}: '{old}', now "
+                                f"'{prompt}'); give another folder")
+        elif i in done:
+            raise UserError(f"--save-dir '{folder}' holds images made without prompts ({i:07d}.png has no .txt); "
+                            "give another folder")
+        elif write:
+            with writing(path):
+                with open(path + ".tmp", "w", encoding="utf-8") as f:
+                    f.write(prompt + "\n")
+                os.replace(path + ".tmp", path)
 
 
 def check_outputs(args, cfg):
@@ -188,7 +243,7 @@ def check_outputs(args, cfg):
 def pictures(args, out, model, diffusion, cfg, labels, nrow, device) -> int:
     """The grid, the process picture and the GIF that were asked for; returns the number of images sampled."""
     s, n, sampled = cfg.sample, cfg.sample.n, 0
-    picture_labels = list(range(cfg.model.num_classes)) if args.class_label == "all" else labels
+    picture_labels = labels[::nrow] if nrow else labels  # one of each class or prompt when a row has one
     if out:
         batches = sample_batches(model, diffusion, n, s, device, labels=cycle(labels, n))
         save_grid(torch.cat([x for _, x in batches]), out, nrow=nrow)
@@ -210,9 +265,11 @@ def run(args, rank, world, device):
     if edit_cli.requested(args):
         edit(args, world, device)
         return
-    cfg, model, diffusion, labels, nrow = load(args, device, say)
+    cfg, model, diffusion, labels, nrow, image_prompts = load(args, device, say)
     out, schedules = check_outputs(args, cfg)
     s, n = cfg.sample, cfg.sample.n
+    if args.save_dir and cfg.model.text_encoder:
+        check_prompt_files(args.save_dir, image_prompts, write=rank == 0)
     model = prepare_model(model, diffusion, cfg, device, min(s.batch_size, n), labels, say)
     sampled, start_time = 0, time.perf_counter()
     if args.save_dir:
@@ -234,8 +291,12 @@ def edit(args, world, device):
     """--init, --interpolate and the other editing flags (edit_cli.py): image to image, inpainting, inversion,
     interpolation."""
     which = edit_cli.check_flags(args, world)
-    cfg, model, diffusion, labels, _ = load(args, device, print)
-    edit_cli.run(args, which, cfg, model, diffusion, labels if args.class_label is not None else None, device)
+    cfg, model, diffusion, labels, nrow, image_prompts = load(args, device, print)
+    if image_prompts is not None:  # one condition per prompt, cycled over the inputs as class labels are
+        labels = labels[::nrow]
+    elif args.class_label is None:
+        labels = None  # the null condition: the unconditional model
+    edit_cli.run(args, which, cfg, model, diffusion, labels, device)
 
 
 @cli

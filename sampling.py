@@ -42,10 +42,11 @@ FILE_NAME = re.compile(r"\d{7,}\.png")  # 0000000.png, 0000001.png, ... as writt
 def generate(model, diffusion, n, s, generator, device, cond=None, record=()):
     """One batch of n images in [-1, 1] (float32 on `device`) with the sampler settings `s`.
 
-    cond: (n,) labels for a class-conditional model (None: the null label); s.guidance_scale w != 1 turns
-    on classifier-free guidance. x_T is the first draw from `generator`. `record`: timestep indices to
-    keep; then returns (x, trajectory) as samplers.sample_loop does. The samplers run under `autocast`
-    (here and in the edits of edit_cli.py): bf16 on GPUs that support it with precision 'auto', fp32 on the CPU."""
+    cond: (n,) labels for a class-conditional model, (n, ...) encoded captions for a text model (text.py); None:
+    the null condition. s.guidance_scale w != 1 turns on classifier-free guidance. x_T is the first draw from
+    `generator`. `record`: timestep indices to keep; then returns (x, trajectory) as samplers.sample_loop does.
+    The samplers run under `autocast` (here and in the edits of edit_cli.py): bf16 on GPUs that support it with
+    precision 'auto', fp32 on the CPU."""
     device = torch.device(device)
     shape = (n, model.image_channels, model.image_size, model.image_size)
     x_T = torch.randn(shape, generator=generator, device=device)
@@ -73,11 +74,12 @@ def batch_generator(seed: int, start: int, size: int, device) -> torch.Generator
 
 
 def cycle(labels, n: int):
-    """Labels (a list or a 1-D tensor) repeated over n images, as a long tensor; None stays None."""
+    """Conditions repeated over n images: labels (a list, as a long tensor) or a tensor of them or of encoded
+    captions (the first dimension cycled); None stays None."""
     if labels is None:
         return None
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    return labels[torch.arange(n) % len(labels)]
+    labels = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels, dtype=torch.long)
+    return labels[torch.arange(n, device=labels.device) % len(labels)]
 
 
 def sample_batches(model, diffusion, n, s, device, starts=None, labels=None):

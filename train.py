@@ -12,6 +12,9 @@ One step, in order: a batch from the data stream (dataset.Batches), the loss of 
 (GaussianDiffusion.loss), backward, the clipped optimiser step, the EMA of the weights; every few steps
 the run logs, draws a grid, scores FID and writes a checkpoint (TrainingRun.loop).
 
+A text-conditional model (model.text_encoder) trains on captions: each distinct caption of the data is encoded
+once, at the start, into a table on the device (text.py), and a step indexes it by the batch's caption ids.
+
 Reproducibility: the timesteps, noise and label dropout of step k are drawn from a generator seeded by
 (seed, k) over the whole global batch, then sliced per process and micro-batch. So a resumed run, a run
 with gradient accumulation and a run on several processes see exactly the same numbers as one plain run.
@@ -26,6 +29,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from captions import caption_summary
 from checkpoint import (
     check_same_architecture,
     load_checkpoint,
@@ -39,6 +43,7 @@ from dataset import Batches, build_dataset, num_classes, preload_wanted, stream_
 from diffusion import GaussianDiffusion
 from distributed import close_distributed, setup_distributed, wait_for_all
 from model import UNet
+from text import grid_captions, prompt_encoder
 from utils import (
     ArgumentParser,
     FolderLock,
@@ -82,30 +87,38 @@ def ema_decay(step: int, decay: float) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
-def step_randomness(gen, cfg, step, shape, rank, world, device, has_labels):
-    """Timesteps, noise and the label-drop mask of step `step`, drawn over the global batch; this rank's slice."""
+def step_randomness(gen, cfg, step, shape, rank, world, device, conditional):
+    """Timesteps, noise and the label-drop mask of step `step` (None for an unconditional model), drawn over the
+    global batch; this rank's slice."""
     gen.manual_seed(stream_seed("step", cfg.train.seed, step))
     b = cfg.train.batch_size
     timesteps = torch.randint(0, cfg.diffusion.timesteps, (b,), generator=gen, device=device)
     noise = torch.randn((b, *shape), generator=gen, device=device)
-    drop = torch.rand(b, generator=gen, device=device) < cfg.train.cond_drop_prob if has_labels else None
+    drop = torch.rand(b, generator=gen, device=device) < cfg.train.cond_drop_prob if conditional else None
     sl = slice(rank * b // world, (rank + 1) * b // world)
-    return timesteps[sl], noise[sl], drop[sl] if has_labels else None
+    return timesteps[sl], noise[sl], drop[sl] if conditional else None
 
 
 # ---- one optimisation step ----------------------------------------------------------------------------------
 
 class Trainer:
-    """The model, its EMA, the optimiser and the data stream of a run, and one optimisation step."""
+    """The model, its EMA, the optimiser and the data stream of a run, and one optimisation step.
 
-    def __init__(self, cfg, device, rank, world, dataset, log=print):
+    text_state: a text model's caption encoder from its checkpoint (None: a new vocabulary of the data's captions)."""
+
+    def __init__(self, cfg, device, rank, world, dataset, log=print, text_state=None):
         self.cfg, self.device, self.rank, self.world, self.log = cfg, device, rank, world, log
         tc = cfg.train
         if tc.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with it
             torch.use_deterministic_algorithms(True)
+        self.text_state, self.captions = text_state, None
+        if cfg.model.text_encoder:  # the condition of each distinct caption, on the device: a step indexes it
+            encoder = prompt_encoder(cfg.model, text_state, dataset.captions, device)
+            say = print if rank == 0 else (lambda *a, **k: None)
+            self.text_state, self.captions = encoder.state(), encoder.encode(dataset.captions, say).to(device)
         torch.manual_seed(tc.seed)
-        self.model = UNet.from_config(cfg).to(device)
+        self.model = UNet.from_config(cfg, self.text_state).to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -129,16 +142,17 @@ class Trainer:
         self.batches = Batches(dataset, tc.batch_size, seed=tc.seed, device=device, hflip=cfg.data.hflip,
                                preload=preload_wanted(cfg.data, dataset), num_workers=tc.num_workers,
                                rank=rank, world_size=world)
-        self.has_labels = cfg.model.num_classes is not None
+        self.conditional = cfg.model.num_classes is not None or self.captions is not None
         self.step = 0
         self.bad_streak = torch.zeros((), device=device, dtype=torch.long)  # consecutive non-finite losses
         self.bad_total = torch.zeros((), device=device, dtype=torch.long)
 
     def state_dict(self) -> dict:
+        text = {"text": self.text_state} if self.text_state is not None else {}
         return {"step": self.step, "config": to_dict(self.cfg), "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": rng_state(self.device), "data": self.batches.state_dict()}
+                "rng": rng_state(self.device), "data": self.batches.state_dict(), **text}
 
     def load_state_dict(self, ckpt: dict) -> None:
         load_weights(self.model, ckpt["model"], "the checkpoint's model weights")
@@ -169,10 +183,10 @@ class Trainer:
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         timesteps, noise, drop = step_randomness(self.gen, cfg, self.step, x.shape[1:], self.rank, self.world,
-                                                 self.device, self.has_labels)
+                                                 self.device, self.conditional)
         # dropout masks from (seed, rank, step): exact on resume on every rank, and different across ranks
         torch.manual_seed(stream_seed("dropout", cfg.train.seed, self.rank, self.step))
-        y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y) if self.has_labels else None
+        y = self.condition(y, drop)
         total = torch.zeros((), device=self.device)
         for i in range(accum):
             part = slice(i * x.shape[0] // accum, (i + 1) * x.shape[0] // accum)
@@ -192,6 +206,16 @@ class Trainer:
         self.bad_total += (~finite).long()
         self.step += 1
         return total, grad_norm
+
+    def condition(self, y, drop=None):
+        """The network's condition for the batch's labels y: None (unconditional), the labels, or the encodings of
+        the captions with these ids; those where `drop` is true replaced by the null condition."""
+        if not self.conditional:
+            return None
+        cond = y if self.captions is None else self.captions[y]
+        if drop is None:
+            return cond
+        return torch.where(drop.view(-1, *[1] * (cond.ndim - 1)), self.model.null_condition(cond), cond)
 
     def _optimiser_step(self):
         """Clip the global gradient norm, step (skipped on the device when non-finite), advance the LR."""
@@ -303,13 +327,27 @@ class TrainingRun:
         from sampling import generate
         cfg, trainer = self.cfg, self.trainer
         gen = torch.Generator(trainer.device).manual_seed(cfg.train.seed)
-        labels = None
-        if trainer.has_labels:
+        labels, nrow = None, None
+        if cfg.model.num_classes is not None:
             labels = torch.arange(cfg.train.sample_n, device=trainer.device) % cfg.model.num_classes
+        elif trainer.captions is not None:  # a row per caption
+            labels, nrow = self.grid_conditions()
         x = generate(trainer.ema, trainer.diffusion, cfg.train.sample_n, cfg.sample, gen, trainer.device, labels)
-        grid = make_grid(to_uint8(x))
+        grid = make_grid(to_uint8(x), nrow)
         save_image(grid, os.path.join(self.out_dir, "samples", f"step_{trainer.step:07d}.png"))
         self.runlog.image("samples", grid, trainer.step)
+
+    def grid_conditions(self):
+        """(the conditions of the sample grid's images, its row length) for a text model: a fixed set of the data's
+        captions, one per row, listed in results/<name>/samples/captions.txt."""
+        dataset, n = self.trainer.batches.dataset, self.cfg.train.sample_n
+        rows = grid_captions(dataset.captions, min(8, n))
+        nrow = math.ceil(n / len(rows))
+        rows = rows[:math.ceil(n / nrow)]
+        ids = torch.tensor([dataset.captions.index(c) for c in rows], device=self.trainer.device)
+        atomic_write(os.path.join(self.out_dir, "samples", "captions.txt"),
+                     lambda f: f.write("".join(f"{c}\n" for c in rows).encode()))
+        return self.trainer.condition(ids.repeat_interleave(nrow)[:n]), nrow
 
     def log_fid(self) -> None:
         """FID of train.fid_samples EMA samples, to TensorBoard and results/<name>/metrics.json."""
@@ -377,9 +415,13 @@ def load_data(cfg, rank, world):
     """The data set; rank 0 downloads or decodes and caches it first, alone, then the others read it."""
     if rank != 0:
         wait_for_all(world)
-    dataset = build_dataset(cfg.data)
+    dataset = build_dataset(cfg.data, captions=cfg.model.text_encoder is not None)
     if rank == 0:
         wait_for_all(world)
+    if dataset.captions is not None:
+        summary = caption_summary(dataset)  # on every rank: a set without captions stops them all
+        if rank == 0:
+            print(summary)
     return dataset
 
 
@@ -426,7 +468,7 @@ def start_trainer(cfg, name, rank, world, device, ckpt, path):
         check_same_architecture(ckpt, cfg, path)
     if rank == 0 and (warning := schedule_warning(cfg.diffusion)):
         print(warning)
-    trainer = Trainer(cfg, device, rank, world, dataset)
+    trainer = Trainer(cfg, device, rank, world, dataset, text_state=ckpt.get("text") if ckpt else None)
     if ckpt is None:
         return cfg, trainer, None
     trainer.load_state_dict(ckpt)

@@ -258,6 +258,19 @@ def save_grid(x: torch.Tensor, path: str, nrow: int | None = None) -> None:
     save_image(make_grid(to_uint8(x), nrow=nrow), path)
 
 
+def read_text(path: str, what: str) -> str:
+    """The text of a UTF-8 file (a byte-order mark dropped); a missing file or one that is not UTF-8 is a
+    one-line UserError naming it as `what`."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} '{path}' is not UTF-8 text (byte {e.start} cannot be decoded); save it as "
+                        "UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} '{path}' ({e.strerror or e})") from None
+
+
 def check_writable(path: str, folder: bool = False) -> None:
     """Fail now rather than after sampling when `path` (a file, or a folder) cannot be written."""
     parent = path if folder else os.path.dirname(os.path.abspath(path))

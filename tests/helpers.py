@@ -11,6 +11,7 @@ from checkpoint import save_checkpoint
 from config import DiffusionConfig, ModelConfig, load_config, to_dict
 from diffusion import GaussianDiffusion
 from model import UNet
+from text import prompt_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "quickstart.yaml")
@@ -43,10 +44,17 @@ def perturb_zero_params(model: torch.nn.Module, std=0.05, seed=0) -> torch.nn.Mo
     return model
 
 
-def tiny_unet(seed=0, perturb=True, channels=3, size=16, **fields) -> UNet:
-    """The tiny U-Net (fields override TINY_MODEL), in eval mode; perturbed so that its output is not zero."""
+# ... with a learned text encoder, 8 tokens, and the vocabulary of SHAPE_CAPTIONS' words
+TINY_TEXT = dict(text_encoder="learned", text_width=32, text_layers=1, text_max_tokens=8)
+TINY_TEXT_CKPT = [f"model.{k}={v}" for k, v in TINY_TEXT.items()]
+SHAPE_CAPTIONS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
+
+
+def tiny_unet(seed=0, perturb=True, channels=3, size=16, vocab_size=None, text_width=None, **fields) -> UNet:
+    """The tiny U-Net (fields override TINY_MODEL), in eval mode; perturbed so that its output is not zero.
+    A text model needs vocab_size (learned) or text_width (clip), as UNet does."""
     torch.manual_seed(seed)
-    model = UNet(ModelConfig(**{**TINY_MODEL, **fields}), channels, size)
+    model = UNet(ModelConfig(**{**TINY_MODEL, **fields}), channels, size, vocab_size, text_width)
     return (perturb_zero_params(model, seed=seed) if perturb else model).eval()
 
 
@@ -60,14 +68,16 @@ def tiny_config(*overrides, config=None):
     return load_config(config or os.path.join(ROOT, "configs", "cifar10.yaml"), [*TINY_CKPT, *overrides])
 
 
-def tiny_checkpoint(path, *overrides, config=None) -> str:
+def tiny_checkpoint(path, *overrides, config=None, captions=SHAPE_CAPTIONS) -> str:
     """A checkpoint of a random tiny network (TINY_CKPT + overrides on configs/cifar10.yaml, or on `config`);
-    its EMA weights differ a little from the raw ones. Returns the path."""
+    its EMA weights differ a little from the raw ones; a text model (TINY_TEXT_CKPT among the overrides) has
+    the vocabulary of `captions`, or the CLIP its config names. Returns the path."""
     cfg = tiny_config(*overrides, config=config)
-    model = perturb_zero_params(UNet.from_config(cfg), std=0.1)
+    text = {"text": prompt_encoder(cfg.model, None, captions).state()} if cfg.model.text_encoder else {}
+    model = perturb_zero_params(UNet.from_config(cfg, text.get("text")), std=0.1)
     sd = model.state_dict()
     ema = {k: v + 0.02 * torch.randn(v.shape) if k == "conv_out.weight" else v for k, v in sd.items()}
-    save_checkpoint({"step": 0, "config": to_dict(cfg), "model": sd, "ema": ema}, str(path))
+    save_checkpoint({"step": 0, "config": to_dict(cfg), "model": sd, "ema": ema, **text}, str(path))
     return str(path)
 
 
@@ -99,6 +109,30 @@ def trained_tiny_checkpoint(path, *overrides, steps=120, num_images=2) -> str:
     sd = model.state_dict()
     save_checkpoint({"step": steps, "config": to_dict(cfg), "model": sd, "ema": sd}, str(path))
     return str(path)
+
+
+def tiny_clip(folder) -> str:
+    """A random CLIPTextModel of width 32 with a tokenizer of single letters and digits, saved to `folder` as
+    a Hub model is (config.json, weights, tokenizer files): model.text_encoder_path=folder. Needs transformers."""
+    import json
+
+    import transformers
+    os.makedirs(folder, exist_ok=True)
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = {c: i for i, c in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])}
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                                         pad_token_id=vocab["<|endoftext|>"])
+    torch.manual_seed(0)
+    transformers.CLIPTextModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 class TinyExtractor:

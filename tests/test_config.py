@@ -295,6 +295,7 @@ OUT_OF_RANGE = {
     "data.image_size": 4, "data.num_images": 0, "data.seed": -1, "data.preload_max_gib": 0,
     "model.base_channels": 0, "model.num_res_blocks": 0, "model.num_heads": 0, "model.dropout": 1.0,
     "model.norm_eps": 0, "diffusion.timesteps": 1, "diffusion.beta_start": 0, "diffusion.beta_end": 1.0,
+    "model.text_max_tokens": 1, "model.text_width": 0, "model.text_layers": 0,
     "train.max_steps": -1, "train.batch_size": 0, "train.lr": 0, "train.weight_decay": -0.1,
     "train.warmup_steps": -1, "train.grad_clip": -1, "train.grad_accum": 0, "train.ema_decay": 1.0,
     "train.seed": -3, "train.log_every": 0, "train.save_every": 0, "train.sample_every": 0, "train.sample_n": 0,

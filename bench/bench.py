@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import anchors  # noqa: E402
 from anchors import CIFAR10, QUICK_OURS, ROOT  # noqa: E402
 
-from utils import ArgumentParser, cli, enable_tf32, first_line  # noqa: E402
+from utils import ArgumentParser, cli, enable_tf32, first_line, thread_map  # noqa: E402
 
 PARTS = ("compute", "sample", "e2e", "loss")
 FIGURES = ("train_img_per_s", "train_e2e_img_per_s", "sample_ddim50_img_per_s", "fwd_gflop_per_img", "mfu",
@@ -268,14 +268,18 @@ def loss_curves(args, device) -> dict:
     seed in plain fp32 eager, and the fast path with another seed (run-to-run noise)."""
     runs = {"fast": [], "fp32_eager": ["train.precision=fp32", "train.compile=false"],
             "fast_seed1": ["train.seed=1"]}
-    curves = {}
-    for label, overrides in runs.items():
+
+    def curve(item):
+        label, overrides = item
         print(f"  loss curve: {label} ({args.loss_steps} steps)", flush=True)
         if label != "fp32_eager":
             overrides = overrides + [f"train.precision={args.precision}"]
         with tempfile.TemporaryDirectory() as tmp:
             rows = train_py(args, device, overrides, args.loss_steps, tmp)
-        curves[label] = [(int(r["step"]), float(r["loss"])) for r in rows]
+        return label, [(int(r["step"]), float(r["loss"])) for r in rows]
+
+    # the smoke mode's three runs side by side: each spends most of its time importing torch, on one core
+    curves = dict(thread_map(curve, runs.items(), workers=len(runs) if args.quick else 1))
 
     def mean_abs(a, b):
         return sum(abs(x[1] - y[1]) for x, y in zip(a, b)) / len(a)

@@ -1,4 +1,5 @@
 """train.py under torchrun: 2 CPU processes (gloo) against 1, portable checkpoints, only rank 0 writes."""
+import concurrent.futures
 import os
 import shutil
 import sys
@@ -7,15 +8,17 @@ import pytest
 import torch
 from helpers import CONFIG, ROOT, TINY, run_script
 
+import train
 from checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or sys.platform == "win32",
                                 reason="needs torch.distributed with gloo")
 
 
-def torchrun(nproc, args, cwd, env_extra=None):
-    """The README's command line, torchrun --standalone --nproc_per_node=N train.py ..., with this Python's torch."""
-    return run_script(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+def torchrun(nproc, args, cwd, env_extra=None, launcher=()):
+    """The README's command line, torchrun --standalone --nproc_per_node=N [launcher options] train.py ..., with
+    this Python's torch."""
+    return run_script(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *launcher,
                        os.path.join(ROOT, "train.py"), *args], cwd, env_extra)
 
 
@@ -38,8 +41,12 @@ def assert_close(a, b, atol=2e-5):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    p1 = run_script([os.path.join(ROOT, "train.py"), *ARGS, "train.max_steps=8"], one)  # also keeps step 5
-    assert p1.returncode == 0, p1.stderr[-3000:]
+    old = os.getcwd()
+    os.chdir(one)
+    try:  # in this process (one thread, as the workers), sparing an import of torch
+        train.main([*ARGS, "train.max_steps=8"])  # also keeps step 5
+    finally:
+        os.chdir(old)
     p2 = torchrun(2, [*ARGS, "train.max_steps=5"], two)
     assert p2.returncode == 0, p2.stderr[-3000:]
     files = sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file())
@@ -85,12 +92,18 @@ def test_only_rank_zero_writes(runs):
         <= set(files)
 
 
-def test_checkpoint_of_one_process_resumes_on_two(runs, tmp_path):
+def test_checkpoint_of_one_process_resumes_on_two_in_bf16_and_warns_about_restarts(runs, tmp_path):
+    """A 1-process checkpoint goes on under torchrun, here with bf16 autocast (finite losses) and --max-restarts
+    without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which rank 0 alone warns about: three checks, one launch."""
     one, _, _ = runs
     shutil.copytree(one / "checkpoints", tmp_path / "checkpoints")
-    proc = torchrun(2, [*ARGS, "train.max_steps=10"], tmp_path)
+    proc = torchrun(2, [*ARGS, "train.max_steps=10", "train.precision=bf16"], tmp_path,
+                    {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"}, launcher=["--max-restarts=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert state(tmp_path)["step"] == 10
+    ckpt = state(tmp_path)
+    assert ckpt["step"] == 10 and ckpt["config"]["train"]["precision"] == "bf16"
+    assert all(0 < loss < 10 for loss in ckpt["log"]["loss"]), ckpt["log"]["loss"]
+    assert proc.stdout.count("set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1") == 1  # once, from rank 0
 
 
 # torch.compile with the aot_eager backend: Dynamo's capture of the DDP model (its graph breaks at the gradient
@@ -106,14 +119,6 @@ def test_compile_and_accumulation_under_ddp_match_one_eager_process(runs, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch.compile failed" not in proc.stdout + proc.stderr
     assert_close(step_5_of_one_process(one)["model"], state(tmp_path)["model"])
-
-
-def test_bf16_autocast_under_ddp(tmp_path):
-    proc = torchrun(2, [*ARGS, "train.max_steps=3", "train.precision=bf16"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(tmp_path / "results" / "d" / "plots" / "losses.csv") as f:
-        losses = [float(row.split(",")[1]) for row in f.read().splitlines()[1:]]
-    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
 
 
 def worker_pids(root_pid: int, rank: int) -> list[int]:
@@ -190,17 +195,6 @@ def test_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
     assert state(tmp_path)["step"] == 60
 
 
-def test_max_restarts_without_the_store_variable_warns(tmp_path):
-    import subprocess
-    env = {k: v for k, v in os.environ.items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           os.path.join(ROOT, "train.py"), *ARGS, "train.max_steps=2"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env={**env, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1") == 1  # once, from rank 0
-
-
 def test_sigterm_to_torchrun_saves_once_and_resumes_exactly(tmp_path):
     """torchrun passes SIGTERM on to every worker; the ranks agree on it at the next log step and rank 0 saves.
     Resumed, the run ends where an uninterrupted one does, dropout included: its masks come from (seed, rank, step)."""
@@ -222,10 +216,11 @@ def test_sigterm_to_torchrun_saves_once_and_resumes_exactly(tmp_path):
     out, _ = proc.communicate(timeout=120)
     step = state(stopped)["step"]
     assert step > 0 and out.count(f"stopped by signal at step {step}") == 1, out[-3000:]
-    resumed = torchrun(2, [*args, f"train.max_steps={step + 2}"], stopped)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # the resumed run and the uninterrupted one side by side
+        resumed, whole = pool.map(lambda cwd: torchrun(2, [*args, f"train.max_steps={step + 2}"], cwd),
+                                  (stopped, straight))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from checkpoints/d/last.pt at step {step}" in resumed.stdout
-    whole = torchrun(2, [*args, f"train.max_steps={step + 2}"], straight)
     assert whole.returncode == 0, whole.stderr[-3000:]
     a, b = state(straight), state(stopped)
     assert a["step"] == b["step"] == step + 2

@@ -24,7 +24,8 @@ def test_readme_test_command_is_what_ci_runs():
     head = readme().split("\n## ")[0]
     install = "python3 -m pip install -r requirements-dev.txt && "
     command = next(line for line in head.splitlines() if line.startswith(install))[len(install):]
-    assert command.startswith("python3 -m pytest -q --durations=") and "&&" not in command  # CI shows the slow ones
+    # CI lists the slow ones
+    assert command.startswith("python3 -m pytest -q") and "--durations=" in command and "&&" not in command
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         lines = f.read().splitlines()
     assert lines[-1] == command  # exactly the README's command, after the installs and ruff

@@ -9,9 +9,19 @@ import time
 
 import numpy as np
 import pytest
-from helpers import CONFIG, ROOT, TINY, TinyExtractor, assert_one_line_error, run_script, tiny_checkpoint
+from helpers import (
+    CONFIG,
+    ROOT,
+    TINY,
+    TinyExtractor,
+    assert_one_line_error,
+    fails_in_process,
+    run_script,
+    tiny_checkpoint,
+)
 from PIL import Image
 
+import sample
 import train
 from distributed import torchrun_env
 from runlog import smooth
@@ -33,8 +43,9 @@ def leftovers(root):
     return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if ".tmp" in f]
 
 
-def test_a_disk_that_fills_during_a_checkpoint_keeps_the_previous_one(tmp_path):
-    assert run_script([*TRAIN, "train.max_steps=5"], tmp_path).returncode == 0
+def test_a_disk_that_fills_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train.main([*TRAIN[1:], "train.max_steps=5"])
     last = tmp_path / "checkpoints" / "t" / "last.pt"
     before = last.read_bytes()
     proc = run_script([*TRAIN, "train.max_steps=10"], tmp_path, preexec_fn=file_size_limit(len(before) // 2))
@@ -51,7 +62,7 @@ def test_a_run_folder_that_cannot_be_written_fails_before_the_first_step(tmp_pat
     assert not (tmp_path / "checkpoints" / "t" / "last.pt").exists()
 
 
-def test_a_second_run_on_a_training_run_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
+def test_a_second_run_on_a_training_run_is_refused_and_a_killed_run_leaves_no_lock(tmp_path, monkeypatch, capsys):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen([sys.executable, *TRAIN, "train.max_steps=1000000", "train.save_every=1000000"],
                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -59,14 +70,14 @@ def test_a_second_run_on_a_training_run_is_refused_and_a_killed_run_leaves_no_lo
         deadline = time.time() + 120
         while not (tmp_path / "results" / "t" / "config.yaml").exists() and time.time() < deadline:
             time.sleep(0.05)
-        second = run_script([*TRAIN, "train.max_steps=3"], tmp_path)
-        assert_one_line_error(second, os.path.join("checkpoints", "t"), "in use", str(first.pid))
+        monkeypatch.chdir(tmp_path)
+        err = fails_in_process(capsys, train.main, *TRAIN[1:], "train.max_steps=3")
+        assert all(k in err for k in (os.path.join("checkpoints", "t"), "in use", str(first.pid))), err
     finally:
         first.kill()
         first.wait()
     assert first.returncode == -signal.SIGKILL, "the first run ended before the second one was tried"
-    again = run_script([*TRAIN, "train.max_steps=3"], tmp_path)
-    assert again.returncode == 0, again.stderr[-2000:]
+    train.main([*TRAIN[1:], "train.max_steps=3"])
 
 
 # ---- odd input: one line each --------------------------------------------------------------------------------
@@ -212,7 +223,7 @@ def test_an_output_is_written_in_the_format_its_name_says_or_refused(ckpt, tmp_p
         assert not (tmp_path / name).exists()
 
 
-def test_a_second_sampler_on_a_folder_being_filled_is_refused(ckpt, tmp_path):
+def test_a_second_sampler_on_a_folder_being_filled_is_refused(ckpt, tmp_path, capsys):
     argv = [os.path.join(ROOT, "sample.py"), "--ckpt", ckpt, "--sampler", "ddpm", "--batch-size", "1",
             "--device", "cpu", "--save-dir", str(tmp_path / "s")]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -222,17 +233,16 @@ def test_a_second_sampler_on_a_folder_being_filled_is_refused(ckpt, tmp_path):
         deadline = time.time() + 120
         while not (tmp_path / "s" / "0000000.png").exists() and time.time() < deadline:
             time.sleep(0.05)
-        second = run_script([*argv, "--n", "2"], tmp_path)
-        assert_one_line_error(second, str(tmp_path / "s"), "in use", str(first.pid))
+        err = fails_in_process(capsys, sample.main, *argv[1:], "--n", "2")
+        assert all(k in err for k in (str(tmp_path / "s"), "in use", str(first.pid))), err
         first.send_signal(signal.SIGINT)  # Ctrl-C: what is there, and how to go on, in one line
         _, err = first.communicate(timeout=120)
     finally:
         first.kill()
     assert first.returncode == 130 and "Traceback" not in err, err[-2000:]
     done = len([f for f in os.listdir(tmp_path / "s") if f.endswith(".png")])
-    again = run_script([*argv, "--n", str(done + 1)], tmp_path)  # no stale lock; one image more
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert f"({done + 1} images, 1 new)" in again.stdout
+    sample.main([*argv[1:], "--n", str(done + 1)])  # no stale lock; one image more
+    assert f"({done + 1} images, 1 new)" in capsys.readouterr().out
 
 
 def test_sampling_into_a_folder_says_what_an_interrupt_left(ckpt, tmp_path):

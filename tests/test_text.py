@@ -432,6 +432,22 @@ def test_evaluate_with_a_prompts_file(text_run, tmp_path, monkeypatch):
     assert len(new) == 1 and "-prompts" in new.pop()  # its own folder: the hash covers the negative prompt
 
 
+def test_edits_take_the_prompts(text_run, tmp_path):
+    """Image to image at strength 1 is plain sampling (tests/test_editing.py), so an edit by prompt must give the
+    file a plain run of that prompt gives, prompts cycled over the inputs; the settings name the prompts."""
+    path, common = text_run / "checkpoints" / "t" / "last.pt", ["--steps", "3", "--seed", "4", "--batch-size", "2"]
+    for name in ("a.png", "b.png"):
+        save_png(tmp_path / "in" / name)
+    prompts = ["--prompt", "a red circle", "--prompt", "a blue square"]
+    sample.main(["--ckpt", str(path), *common, *prompts, "--init", str(tmp_path / "in"), "--strength", "1",
+                 "--save-dir", str(tmp_path / "edit")])
+    sample.main(["--ckpt", str(path), *common, *prompts, "--n", "2", "--save-dir", str(tmp_path / "plain")])
+    for name, number in (("a.png", 0), ("b.png", 1)):
+        assert (tmp_path / "edit" / name).read_bytes() == (tmp_path / "plain" / f"{number:07d}.png").read_bytes()
+    settings = json.loads((tmp_path / "edit" / "settings.json").read_text())
+    assert settings["prompt"] == ["a red circle", "a blue square"] and settings["negative_prompt"] is None
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--class-label", "1"], "--class-label is for class-conditional checkpoints; this one is text-conditional"),
     (["--prompt", "a red circle", "--negative-prompt", "a blue circle"], "--guidance-scale above 1"),

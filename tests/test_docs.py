@@ -1,6 +1,7 @@
 """The README documents every config field, and its first two commands are the ones CI relies on."""
 import dataclasses
 import os
+import re
 
 from helpers import ROOT
 
@@ -30,3 +31,8 @@ def test_readme_test_command_is_what_ci_runs():
         lines = f.read().splitlines()
     assert lines[-1] == command  # exactly the README's command, after the installs and ruff
     assert "python3 -m ruff check ." in lines
+
+
+def test_every_picture_the_readme_shows_exists():
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme())
+    assert pictures and all(os.path.isfile(os.path.join(ROOT, p)) for p in pictures), pictures

@@ -38,8 +38,9 @@ def sketches(folder: str) -> None:
     im = Image.new("RGB", (64, 64), (40, 40, 40))
     ImageDraw.Draw(im).polygon([(12, 52), (30, 10), (54, 50), (30, 46)], fill=(230, 200, 30))
     im.save(os.path.join(folder, "sketch-triangle.png"))
-    im = Image.new("RGB", (64, 64), (220, 220, 220))
+    im = Image.new("RGB", (64, 64), (60, 50, 70))
     ImageDraw.Draw(im).ellipse((14, 18, 50, 46), fill=(30, 60, 220))
+    ImageDraw.Draw(im).rectangle((26, 26, 38, 38), fill=(230, 230, 230))  # a blot the model has never seen
     im.save(os.path.join(folder, "sketch-ellipse.png"))
 
 
@@ -76,7 +77,7 @@ def main():
         training_images(ckpt, few, 3)
         sketches(drawn)
         centre_mask(os.path.join(work, "mask.png"))
-        run = [("img2img", ["--init", drawn, "--strength", "0.6"]),
+        run = [("img2img", ["--init", drawn, "--strength", "0.7"]),
                ("inpaint", ["--init", few, "--mask", os.path.join(work, "mask.png")]),
                ("invert", ["--init", few, "--invert"]),
                ("seeds", ["--interpolate", "8", "--seed", "1", "--seed2", "2"]),

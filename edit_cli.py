@@ -203,13 +203,13 @@ def write_json(path: str, data: dict) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
-def claim_folder(folder: str, settings: dict, edit: str) -> None:
-    """A --save-dir holds the results of one set of settings (FOLDER/settings.json): a rerun with the same ones
-    adds the missing files, other ones are refused once it holds results. The inputs may differ where each file
-    is named after its input, so a folder can collect several runs' edits."""
+def claim_folder(folder: str, settings: dict) -> None:
+    """A --save-dir holds the results of one set of settings and inputs (FOLDER/settings.json, the inputs by
+    absolute path): a rerun with the same ones adds the missing files, other ones are refused once it holds
+    results, since a file named after another input of the same name would be taken as done."""
     check_writable(folder, folder=True)
     path = os.path.join(folder, "settings.json")
-    mine = {k: v for k, v in settings.items() if k != "init" or edit == "interpolate"}
+    mine = {**settings, "init": settings["init"] and os.path.abspath(settings["init"])}
     has_results = any(name.endswith(".png") for _, _, names in os.walk(folder) for name in names)
     if has_results and not os.path.isfile(path):
         raise UserError(f"'{folder}' holds PNGs but no settings.json, so they are not this kind of edit's; "
@@ -350,7 +350,7 @@ def run(args, edit: str, cfg, model, diffusion, labels, device) -> None:
     if out:
         check_writable(out)
     if args.save_dir:
-        claim_folder(args.save_dir, settings, edit)
+        claim_folder(args.save_dir, settings)
     print(f"{TITLES[edit]}: {json.dumps(settings)}")
     model = prepare_model(model, diffusion, cfg, device, s.batch_size, labels)
     started = time.perf_counter()

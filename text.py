@@ -222,7 +222,8 @@ class NegativePrompt(nn.Module):
 def grid_captions(captions, k: int = 8) -> list[str]:
     """Up to k distinct non-empty captions, evenly spread over `captions`: the fixed rows of training grids."""
     distinct = list(dict.fromkeys(c for c in captions if c.strip()))
-    return [distinct[i * len(distinct) // k] for i in range(min(k, len(distinct)))]
+    k = min(k, len(distinct))
+    return [distinct[i * len(distinct) // k] for i in range(k)]
 
 
 # ---- prompts on the command line ---------------------------------------------------------------------------------
@@ -253,7 +254,8 @@ def read_prompts(args, m, guidance_scale: float) -> list[str]:
         raise UserError("--class-label is for class-conditional checkpoints; this one is text-conditional: "
                         "give --prompt TEXT")
     if args.negative_prompt is not None and (not prompts or guidance_scale == 1.0):
-        raise UserError("--negative-prompt acts through guidance: give --prompt and --guidance-scale above 1 "
+        prompt = "--prompt or --prompts" if hasattr(args, "prompt") else "--prompts"  # evaluate.py has no --prompt
+        raise UserError(f"--negative-prompt acts through guidance: give {prompt} and --guidance-scale above 1 "
                         "(e.g. 3)")
     return prompts
 

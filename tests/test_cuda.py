@@ -9,13 +9,13 @@ import torch
 from helpers import CONFIG, ROOT, TINY, perturb_zero_params, run_script
 
 import sampling
-import train
 from checkpoint import load_checkpoint
 from config import SampleConfig, load_config
 from dataset import Batches, build_dataset
 from diffusion import GaussianDiffusion
 from model import UNet
 from samplers import sample_loop
+from trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -24,7 +24,7 @@ FAST = ["train.compile=auto", "train.precision=auto", "train.deterministic=false
 
 def make_trainer(*overrides, log=print):
     cfg = load_config(CONFIG, [*TINY, *overrides])
-    return train.Trainer(cfg, CUDA, 0, 1, build_dataset(cfg.data), log)
+    return Trainer(cfg, CUDA, 0, 1, build_dataset(cfg.data), log)
 
 
 def test_gpu_resident_batches_equal_the_cpu_ones():

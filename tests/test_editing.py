@@ -182,6 +182,60 @@ def test_strength_1_is_plain_sampling_and_no_step_is_the_input(sampler):
     assert 0 < (half - x0).abs().mean() < (plain - x0).abs().mean()
 
 
+class Recorder:
+    """A denoiser that predicts eps = 0 (so x_0 = x_t / sqrt(a_t)) and records each call's timestep and input."""
+
+    def __init__(self, diffusion):
+        self.diffusion, self.calls = diffusion, []
+
+    def __call__(self, x, t):
+        self.calls.append((int(t[0]), x.clone()))
+        return torch.zeros_like(x), x / self.diffusion.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
+
+
+def test_img2img_runs_the_last_k_steps_from_q_of_the_input():
+    """Strength 0.3 of 10 DDIM steps: exactly k = 3 network calls, the first at t0 on
+    sqrt(a_t0) x_0 + sqrt(1 - a_t0) eps with eps the generator's first draw."""
+    diffusion, s = make_diffusion(timesteps=100), SampleConfig(sampler="ddim", steps=10)
+    x0, record = torch.rand(2, 3, 8, 8) * 2 - 1, Recorder(make_diffusion(timesteps=100))
+    editing.img2img(diffusion, record, x0, s, 0.3, torch.Generator().manual_seed(3))
+    timesteps = spaced_timesteps(diffusion.alphas_cumprod64, 10, "linspace")
+    assert [t for t, _ in record.calls] == timesteps[-3:]
+    a = float(diffusion.alphas_cumprod64[timesteps[-3]])
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(record.calls[0][1], math.sqrt(a) * x0 + math.sqrt(1 - a) * eps)
+
+
+def test_repaint_feeds_the_network_the_known_part_from_q_and_jumps_back_up():
+    """DDIM, 10 steps of T = 1000, jump 2, resample 3, with the eps = 0 denoiser (each step scales x by
+    sqrt(a_next / a_t)). At every call: the timesteps follow repaint_schedule; the known half, standardised by
+    q(x_t | x_0), is N(0, 1); the unknown half has the variance that the steps and the forward jumps give it,
+    followed here in float64 (a jump from s up to t: v a_t/a_s + 1 - a_t/a_s). Tolerances: 5 standard errors
+    of m = 24,576 pixels (mean 1/sqrt(m), a variance's relative error sqrt(2/m))."""
+    diffusion, s = make_diffusion(timesteps=1000), SampleConfig(sampler="ddim", steps=10)
+    x0 = torch.full((16, 3, 32, 32), 0.5)
+    keep = torch.zeros_like(x0, dtype=torch.bool)
+    keep[..., :16] = True
+    record = Recorder(diffusion)
+    editing.repaint(diffusion, record, x0, keep, s, torch.Generator().manual_seed(0), jump=2, resample=3)
+    timesteps, a = spaced_timesteps(diffusion.alphas_cumprod64, 10, "linspace"), diffusion.alphas_cumprod64
+    schedule = editing.repaint_schedule(10, 2, 3)
+    m = keep.sum().item()
+    assert [t for t, _ in record.calls] == [timesteps[9 - r] for r, q in zip(schedule, schedule[1:]) if q < r]
+    calls, var = iter(record.calls), 1.0  # x_T ~ N(0, I)
+    for r, q in zip(schedule, schedule[1:]):
+        t = timesteps[9 - r]
+        if q > r:  # a jump from t up to the timestep above
+            up = timesteps[9 - q]
+            var = var * float(a[up] / a[t]) + 1 - float(a[up] / a[t])
+            continue
+        _, x = next(calls)
+        known = (x[keep].double() - math.sqrt(a[t]) * 0.5) / math.sqrt(1 - a[t])
+        assert abs(known.mean()) < 5 / math.sqrt(m) and abs(known.std() - 1) < 5 / math.sqrt(2 * m), t
+        assert abs(x[~keep].double().var() / var - 1) < 5 * math.sqrt(2 / m), (t, x[~keep].var(), var)
+        var *= float(a[timesteps[10 - r]] / a[t]) if r > 0 else 0.0  # DDIM with eps = 0 to the next timestep
+
+
 # ---- sample.py: image to image --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags", SAMPLERS)
@@ -249,6 +303,19 @@ def test_a_folder_resumes_with_the_files_of_one_run(ckpt, inputs, tmp_path, monk
     assert (tmp_path / "resumed" / "a.png").stat().st_mtime_ns == kept
     for name in ("a.png", "b.png", "c.png", "settings.json"):
         assert (tmp_path / "once" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+
+def test_a_folder_refuses_the_edits_of_other_inputs(ckpt, inputs, tmp_path, capsys):
+    """Other inputs of the same names into a folder: refused, not taken as done (each file is named after its
+    input); the same inputs by another path to them are the same inputs."""
+    import shutil
+    argv = ["--ckpt", ckpt, "--strength", 0.6, "--sampler", "ddpm", "--save-dir", tmp_path / "edits"]
+    run(*argv, "--init", inputs)
+    shutil.copytree(inputs, tmp_path / "other")
+    save(np.zeros((16, 16, 3)), tmp_path / "other" / "a.png")
+    err = fails_in_process(capsys, sample.main, *argv, "--init", tmp_path / "other")
+    assert "holds edits made with other settings (init:" in err and str(tmp_path / "other") in err, err
+    run(*argv, "--init", os.path.join(inputs, "..", os.path.basename(inputs)))
 
 
 # ---- sample.py: inpainting, inversion, interpolation ---------------------------------------------------------

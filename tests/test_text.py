@@ -35,7 +35,17 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from config import ConfigError, DataConfig, SampleConfig, load_config
 from dataset import build_dataset, load_uint8
 from model import CrossAttention, UNet
-from text import CLS, PAD, UNK, ClipEncoder, Vocabulary, looks_like_tags, prompt_encoder, split_caption
+from text import (
+    CLS,
+    PAD,
+    UNK,
+    ClipEncoder,
+    Vocabulary,
+    grid_captions,
+    looks_like_tags,
+    prompt_encoder,
+    split_caption,
+)
 from utils import UserError
 
 SIZE = 8  # the trained model's images (helpers.TINY)
@@ -430,6 +440,22 @@ def test_evaluate_with_a_prompts_file(text_run, tmp_path, monkeypatch):
     assert with_neg["negative_prompt"] == "a green circle" and np.isfinite(with_neg["fid"])
     new = set(os.listdir(tmp_path / "results" / "t")) - set(folders)
     assert len(new) == 1 and "-prompts" in new.pop()  # its own folder: the hash covers the negative prompt
+    # the prompts reach the samples, cycled: image i is what sample.py draws for i's prompt at index i
+    scored = next(f for f in folders if "-prompts" in f)
+    for i, prompt in enumerate(["a red circle", "a blue square"]):
+        sample.main(["--ckpt", args[1], "--prompt", prompt, "--n", "4", "--steps", "2", "--guidance-scale", "2",
+                     "--save-dir", str(tmp_path / f"plain{i}")])
+        for j in range(i, 4, 2):
+            assert (tmp_path / f"plain{i}" / f"{j:07d}.png").read_bytes() == \
+                (tmp_path / "results" / "t" / scored / f"{j:07d}.png").read_bytes(), (prompt, j)
+
+
+def test_grid_captions_are_distinct_and_spread():
+    for n in range(1, 13):
+        captions = [f"caption {i}" for i in range(n) for _ in range(3)] + [""]
+        rows = grid_captions(captions, 8)
+        assert len(rows) == min(8, n) and len(set(rows)) == len(rows), (n, rows)
+    assert grid_captions(["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"], 4) == ["a", "c", "f", "h"]
 
 
 def test_edits_take_the_prompts(text_run, tmp_path):

@@ -13,10 +13,12 @@ from helpers import CONFIG, ROOT, TINY, TinyExtractor, assert_one_line_error, fa
 from PIL import Image
 
 import train
+import trainer as trainer_module
 from checkpoint import load_checkpoint, save_checkpoint
 from config import load_config
 from dataset import build_dataset
 from diffusion import GaussianDiffusion
+from trainer import Trainer, ema_decay, lr_factor
 from utils import UserError
 
 
@@ -170,7 +172,7 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_last_pt(tmp_path):
 
 def make_trainer(*overrides):
     cfg = load_config(CONFIG, [*TINY, *overrides])
-    return train.Trainer(cfg, torch.device("cpu"), 0, 1, build_dataset(cfg.data), print)
+    return Trainer(cfg, torch.device("cpu"), 0, 1, build_dataset(cfg.data), print)
 
 
 def test_gradient_accumulation_matches_one_big_step():
@@ -196,7 +198,7 @@ def test_compile_failure_falls_back_to_eager_on_the_same_batch(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: Broken(module))
     messages = []
     cfg = load_config(CONFIG, [*TINY, "train.compile=true"])
-    compiled = train.Trainer(cfg, torch.device("cpu"), 0, 1, build_dataset(cfg.data), messages.append)
+    compiled = Trainer(cfg, torch.device("cpu"), 0, 1, build_dataset(cfg.data), messages.append)
     plain = make_trainer()
     for step in range(3):
         loss, _ = compiled.train_step_with_compile_fallback() if step == 0 else compiled.train_step()
@@ -281,10 +283,10 @@ def test_resume_from_a_path_alone_uses_that_runs_name(tmp_path, monkeypatch):
 
 
 def test_dropout_masks_depend_on_rank_and_step_only(monkeypatch):
-    seeds, real_seed, real_randomness = [], torch.manual_seed, train.step_randomness
+    seeds, real_seed, real_randomness = [], torch.manual_seed, trainer_module.step_randomness
     monkeypatch.setattr(torch, "manual_seed", lambda s: seeds.append(s) or real_seed(s))
     # the whole batch whatever the rank, so that only the dropout seed sees the rank
-    monkeypatch.setattr(train, "step_randomness", lambda *a: real_randomness(*a[:4], 0, 1, *a[6:]))
+    monkeypatch.setattr(trainer_module, "step_randomness", lambda *a: real_randomness(*a[:4], 0, 1, *a[6:]))
     trainer = make_trainer("model.dropout=0.1")
     seeds.clear()
     for rank, step in ((0, 0), (0, 1), (1, 0), (0, 0)):
@@ -295,12 +297,12 @@ def test_dropout_masks_depend_on_rank_and_step_only(monkeypatch):
 
 def test_lr_schedule_and_ema_warmup():
     tc = load_config(CONFIG, ["train.warmup_steps=10", "train.max_steps=110", "train.lr_schedule=cosine"]).train
-    assert train.lr_factor(0, tc) == pytest.approx(0.1) and train.lr_factor(9, tc) == pytest.approx(1.0)
-    assert train.lr_factor(60, tc) == pytest.approx(0.5)  # half-way through the cosine
-    assert train.lr_factor(110, tc) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(0, tc) == pytest.approx(0.1) and lr_factor(9, tc) == pytest.approx(1.0)
+    assert lr_factor(60, tc) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_factor(110, tc) == pytest.approx(0.0, abs=1e-12)
     tc.lr_schedule = "constant"
-    assert train.lr_factor(100, tc) == 1.0
-    assert train.ema_decay(0, 0.9999) == pytest.approx(0.1) and train.ema_decay(10**7, 0.9999) == 0.9999
+    assert lr_factor(100, tc) == 1.0
+    assert ema_decay(0, 0.9999) == pytest.approx(0.1) and ema_decay(10**7, 0.9999) == 0.9999
 
 
 def test_no_option_is_a_torchrun_prefix():
@@ -357,11 +359,11 @@ def test_label_dropout_rate_matches_cond_drop_prob():
     n, p = 20_000, 0.3
     cfg = load_config(CONFIG, [*TINY, f"train.batch_size={n}", f"train.cond_drop_prob={p}"])
     gen = torch.Generator()
-    _, _, drop = train.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), True)
+    _, _, drop = trainer_module.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), True)
     assert abs(drop.double().mean().item() - p) <= 5 * math.sqrt(p * (1 - p) / n)
-    halves = [train.step_randomness(gen, cfg, 7, (1, 2, 2), r, 2, torch.device("cpu"), True) for r in (0, 1)]
+    halves = [trainer_module.step_randomness(gen, cfg, 7, (1, 2, 2), r, 2, torch.device("cpu"), True) for r in (0, 1)]
     for i in range(3):
         assert torch.equal(torch.cat([halves[0][i], halves[1][i]]),
-                           train.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), True)[i])
-    _, _, none = train.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), False)
+                           trainer_module.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), True)[i])
+    _, _, none = trainer_module.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), False)
     assert none is None

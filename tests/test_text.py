@@ -17,6 +17,7 @@ from helpers import (
     TINY_TEXT,
     TINY_TEXT_CKPT,
     TinyExtractor,
+    fails_in_process,
     files_in,
     perturb_zero_params,
     tiny_checkpoint,
@@ -65,17 +66,6 @@ def save_png(path, colour=(200, 30, 30)):
 def captions_of(root, **kw):
     ds = build_dataset(DataConfig(dataset="folder", root=str(root), image_size=8, **kw), captions=True)
     return {os.path.relpath(f, root): ds.captions[y] for f, y in zip(ds.files, ds.labels.tolist())}
-
-
-def fails(capsys, main, argv) -> str:
-    """main(argv) in-process: exit code 2 and exactly one 'error: ...' line on stderr."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
 
 
 # ---- captions --------------------------------------------------------------------------------------------------------
@@ -424,8 +414,9 @@ def test_prompt_rows_and_a_folder_with_the_prompts_beside_the_images(text_run, t
     sample.main(argv)
     assert "(4 images, 0 new)" in capsys.readouterr().out
     other = ["--ckpt", path, "--prompt", "a red circle", *argv[4:]]
-    assert "made with other prompts" in fails(capsys, sample.main, other)
-    assert "holds images of prompts" in fails(capsys, sample.main, ["--ckpt", path, "--save-dir", tmp_path / "s"])
+    assert "made with other prompts" in fails_in_process(capsys, sample.main, *other)
+    err = fails_in_process(capsys, sample.main, "--ckpt", path, "--save-dir", tmp_path / "s")
+    assert "holds images of prompts" in err
 
 
 def test_evaluate_with_a_prompts_file(text_run, tmp_path, monkeypatch):
@@ -486,7 +477,7 @@ def test_bad_prompt_flags_are_one_line(text_run, tmp_path, monkeypatch, capsys, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     (tmp_path / "blank.txt").write_text("\n  \n")
-    assert needle in fails(capsys, sample.main, ["--ckpt", text_run / "checkpoints" / "t" / "last.pt", *argv])
+    assert needle in fails_in_process(capsys, sample.main, "--ckpt", text_run / "checkpoints" / "t" / "last.pt", *argv)
 
 
 def test_prompts_need_a_text_model(tmp_path, monkeypatch, capsys):
@@ -496,8 +487,9 @@ def test_prompts_need_a_text_model(tmp_path, monkeypatch, capsys):
     def scores(argv):
         return evaluate.main(argv, extractor=TinyExtractor())
     for main, flag in ((sample.main, "--prompt"), (scores, "--negative-prompt")):
-        assert "need a text-conditional checkpoint" in fails(capsys, main, ["--ckpt", plain, flag, "a red circle"])
-    assert "need --ckpt" in fails(capsys, scores, ["--samples-dir", tmp_path, "--prompts", "p.txt"])
+        err = fails_in_process(capsys, main, "--ckpt", plain, flag, "a red circle")
+        assert "need a text-conditional checkpoint" in err
+    assert "need --ckpt" in fails_in_process(capsys, scores, "--samples-dir", tmp_path, "--prompts", "p.txt")
 
 
 def test_training_without_captions_is_one_line(tmp_path, monkeypatch, capsys):
@@ -506,7 +498,7 @@ def test_training_without_captions_is_one_line(tmp_path, monkeypatch, capsys):
         save_png(tmp_path / "images" / name)
     argv = ["--config", CONFIG, *TINY, "data.dataset=folder", f"data.root={tmp_path / 'images'}",
             "model.text_encoder=learned", "train.batch_size=2"]
-    err = fails(capsys, train.main, argv)
+    err = fails_in_process(capsys, train.main, *argv)
     assert "none of the 2 images" in err and "001.txt" in err
 
 

@@ -13,7 +13,6 @@ evaluate.py and train.py --resume CKPT (fine-tuning) take it. Overrides set what
 checkpoint's EMA weights (--no-ema: the raw ones). An existing target is refused unless --force, and a failed
 conversion leaves it as it was.
 """
-import json
 import os
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ import formats
 from checkpoint import load_checkpoint, load_weights, save_checkpoint
 from config import DiffusionConfig, SampleConfig, config_from_dict, parse_override, to_dict
 from model import UNet
-from utils import ArgumentParser, UserError, cli
+from utils import ArgumentParser, UserError, cli, read_json
 
 INSTALL = "pip install -r requirements-convert.txt"
 # the fields that the converted weights fix; the others can be set on the command line
@@ -67,17 +66,6 @@ def check_target(path: str, force: bool) -> None:
         raise UserError(f"'{path}' exists; give --force to replace it, or another --out")
 
 
-def read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read '{path}' as JSON ({str(e).splitlines()[0][:200]})") from None
-    if not isinstance(d, dict):
-        raise UserError(f"'{path}' is not a JSON object")
-    return d
-
-
 def read_weights(path: str) -> dict:
     """A state dict from .safetensors, or from .bin / .ckpt with torch.load(weights_only=True)."""
     try:
@@ -103,7 +91,7 @@ def diffusers_files(src: str) -> tuple[dict, str, str | None]:
     config = os.path.join(folder, "config.json")
     if not os.path.isdir(src) or not os.path.isfile(config):
         raise UserError(f"'{src}' is not a diffusers model folder: it has no config.json (nor unet/config.json)")
-    d = read_json(config)
+    d = read_json(config, "diffusers config")
     if d.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise UserError(f"'{config}' is a {d['_class_name']}; convert.py converts UNet2DModel (DDPM) models")
     weights = [os.path.join(folder, f"diffusion_pytorch_model.{e}") for e in ("safetensors", "bin")]
@@ -146,7 +134,7 @@ def from_diffusers(args) -> None:
         d = formats.normalized_unet_config(d)
         sections, flip = formats.config_from_unet(d)
         if sched_path:
-            sections["diffusion"] = formats.diffusion_from_scheduler(read_json(sched_path))
+            sections["diffusion"] = formats.diffusion_from_scheduler(read_json(sched_path, "scheduler config"))
         cfg = converted_config(sections, args.overrides, args.out)
         model = UNet.from_config(cfg)
         formats.check_layout(d, formats.unet_config(cfg, model, flip))

@@ -19,7 +19,7 @@ import torch
 import editing
 from samplers import sampler_timesteps
 from sampling import autocast, batch_generator, cycle, prepare_model, sampler_record, save_png
-from utils import UserError, atomic_write, check_writable, on_interrupt, save_grid, to_uint8
+from utils import UserError, atomic_write, check_writable, on_interrupt, read_json, save_grid, to_uint8, write_json
 
 TITLES = {"img2img": "image to image", "inpaint": "inpainting", "invert": "inversion", "interpolate": "interpolation"}
 DEFAULTS = {"strength": 0.5, "jump": 10}  # and --resample: 10, or 1 with DPM-Solver++ (check_sampler)
@@ -199,10 +199,6 @@ def settings_of(args, edit: str, cfg, diffusion) -> dict:
     return out
 
 
-def write_json(path: str, data: dict) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
-
-
 def claim_folder(folder: str, settings: dict) -> None:
     """A --save-dir holds the results of one set of settings and inputs (FOLDER/settings.json, the inputs by
     absolute path): a rerun with the same ones adds the missing files, other ones are refused once it holds
@@ -215,11 +211,7 @@ def claim_folder(folder: str, settings: dict) -> None:
         raise UserError(f"'{folder}' holds PNGs but no settings.json, so they are not this kind of edit's; "
                         "choose another --save-dir")
     if has_results:
-        try:
-            with open(path) as f:
-                theirs = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read '{path}' ({e}); choose another --save-dir") from None
+        theirs = read_json(path, "settings file", advice="; choose another --save-dir")
         for key in list(mine) + [k for k in theirs if k not in mine]:
             if mine.get(key) != theirs.get(key):
                 raise UserError(f"'{folder}' holds edits made with other settings ({key}: {theirs.get(key)!r} "

@@ -22,7 +22,7 @@ import torch
 
 from dataset import build_dataset, folder_signature
 from sampling import cycle, sample_batches
-from utils import UserError, atomic_write, first_line, thread_map, to_uint8
+from utils import UserError, atomic_write, first_line, read_json, thread_map, to_uint8, write_json
 
 # torch-fidelity downloads the weights under the first name, pytorch-fid under the second; the -6726825d
 # suffix is the start of the file's SHA-256 (torch.hub's convention): the two are the same file
@@ -305,19 +305,11 @@ def read_records(path: str) -> list:
     """The records already in the JSON file (a list), or [] when there is none."""
     if not os.path.isfile(path):
         return []
-    try:
-        with open(path) as f:
-            records = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read '{path}' ({e}); move it away or choose another --out") from None
-    if not isinstance(records, list):
-        raise UserError(f"'{path}' is not a list of metric records; move it away or choose another --out")
-    return records
+    return read_json(path, "metrics file", list, "; move it away or choose another --out")
 
 
 def append_record(path: str, record: dict) -> None:
     """Append to the list in `path`, written atomically (a crash leaves the previous list intact)."""
-    records = read_records(path) + [record]
-    atomic_write(path, lambda f: f.write((json.dumps(records, indent=2) + "\n").encode()))
+    write_json(path, read_records(path) + [record])
 
 

@@ -155,17 +155,21 @@ def parse_args(argv=None):
     return p.parse_intermixed_args(argv)
 
 
+def load_model(args, device):
+    """(cfg, model, diffusion, text state) of --ckpt with the command line's settings."""
+    ckpt = load_checkpoint(args.ckpt)
+    flags = sampler_overrides(args) + ([f"sample.n={args.n}"] if args.n is not None else [])
+    cfg, model, diffusion = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema,
+                                                  overrides=args.overrides + flags)
+    return cfg, model, diffusion, ckpt.get("text")
+
+
 def load(args, device, say):
     """(cfg, model, diffusion, labels, nrow, image prompts) of --ckpt with the command line's settings; cfg.sample.n
     is the number of images (a multiple of the classes with --class-label all, of the prompts with prompts).
     labels are the conditions, nrow the images per grid row when each row has one condition, and image prompts
     the prompt of each image (None without prompts)."""
-    ckpt = load_checkpoint(args.ckpt)
-    flags = sampler_overrides(args) + ([f"sample.n={args.n}"] if args.n is not None else [])
-    cfg, model, diffusion = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema,
-                                                  overrides=args.overrides + flags)
-    text_state = ckpt.get("text")
-    del ckpt  # the weights now live in the model
+    cfg, model, diffusion, text_state = load_model(args, device)
     prompts = read_prompts(args, cfg.model, cfg.sample.guidance_scale)
     image_prompts = None
     if prompts:
@@ -291,11 +295,13 @@ def edit(args, world, device):
     """--init, --interpolate and the other editing flags (edit_cli.py): image to image, inpainting, inversion,
     interpolation."""
     which = edit_cli.check_flags(args, world)
-    cfg, model, diffusion, labels, nrow, image_prompts = load(args, device, print)
-    if image_prompts is not None:  # one condition per prompt, cycled over the inputs as class labels are
-        labels = labels[::nrow]
-    elif args.class_label is None:
-        labels = None  # the null condition: the unconditional model
+    cfg, model, diffusion, text_state = load_model(args, device)
+    # one condition per prompt or class, cycled over the inputs; None: the unconditional model
+    labels = None
+    if prompts := read_prompts(args, cfg.model, cfg.sample.guidance_scale):
+        model, labels = prompt_conditions(args, cfg.model, text_state, model, prompts, device)
+    elif args.class_label is not None:
+        labels, _, _ = class_labels(args.class_label, cfg.model.num_classes, 1)
     edit_cli.run(args, which, cfg, model, diffusion, labels, device)
 
 

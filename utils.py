@@ -3,6 +3,7 @@ locks, image grids."""
 import argparse
 import contextlib
 import functools
+import json
 import math
 import os
 import signal
@@ -269,6 +270,24 @@ def read_text(path: str, what: str) -> str:
                         "UTF-8") from None
     except OSError as e:
         raise UserError(f"cannot read {what} '{path}' ({e.strerror or e})") from None
+
+
+def read_json(path: str, what: str, kind: type = dict, advice: str = ""):
+    """The JSON object (or list: `kind`) in a UTF-8 file; one that cannot be read, is not JSON or holds something
+    else is a one-line UserError naming it as `what`, then `advice` (how to go on)."""
+    text = read_text(path, what)
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{what} '{path}' is not JSON ({first_line(e)}){advice}") from None
+    if not isinstance(data, kind):
+        raise UserError(f"{what} '{path}' is not a JSON {'object' if kind is dict else 'list'}{advice}")
+    return data
+
+
+def write_json(path: str, data) -> None:
+    """`data` as indented JSON, written atomically."""
+    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
 def check_writable(path: str, folder: bool = False) -> None:

@@ -275,3 +275,19 @@ def test_a_full_disk_while_sampling_is_one_line_and_leaves_no_temporary_file(ckp
                        str(tmp_path / path)], tmp_path, preexec_fn=file_size_limit(100))
     assert_one_line_error(proc, str(tmp_path / path), "disk full")
     assert leftovers(tmp_path) == [] and not (tmp_path / path).is_file()
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b'{"a": 1', "metrics file '{p}' is not JSON (Expecting"),
+    (b'{"a": 1}', "metrics file '{p}' is not a JSON list; move it away"),
+    (b"[\xff]", "metrics file '{p}' is not UTF-8 text"),
+])
+def test_a_bad_json_file_is_one_line(tmp_path, content, needle):
+    from utils import read_json
+    path = tmp_path / "metrics.json"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as e:
+        read_json(str(path), "metrics file", list, "; move it away")
+    assert needle.format(p=path) in str(e.value) and "\n" not in str(e.value), str(e.value)
+    path.write_text('[{"fid": 3.2}]')
+    assert read_json(str(path), "metrics file", list) == [{"fid": 3.2}]

@@ -50,7 +50,7 @@ class ModelConfig:
     time_embedding: Literal["ddpm", "transformer"] = "ddpm"   # [sin | cos], or interleaved as in Vaswani et al.
     downsample_padding: Literal["same", "symmetric"] = "same"  # TensorFlow 'SAME' (bottom/right), or 1 each side
     norm_eps: float = 1e-6                                     # GroupNorm epsilon
-    # text-conditional models (text.py): captions through a text encoder, cross-attention in the U-Net
+    # text-conditional models (ddpm/text_encoders.py): captions through a text encoder, cross-attention in the U-Net
     text_encoder: Literal["learned", "clip"] | None = None     # None: no text; learned with the U-Net; frozen CLIP
     text_encoder_path: str = "openai/clip-vit-base-patch32"    # clip: a Hugging Face Hub name or a local folder
     text_max_tokens: int = 32       # tokens per caption, the start token included; longer captions are cut

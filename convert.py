@@ -19,11 +19,12 @@ import tempfile
 
 import torch
 
-import formats
-from checkpoint import load_checkpoint, load_weights, save_checkpoint
 from config import DiffusionConfig, SampleConfig, config_from_dict, parse_override, to_dict
+from ddpm import weight_formats
+from ddpm.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from ddpm.cli import ArgumentParser, cli
 from model import UNet
-from utils import ArgumentParser, UserError, cli, read_json
+from utils import UserError, read_json
 
 INSTALL = "pip install -r requirements-convert.txt"
 # the fields that the converted weights fix; the others can be set on the command line
@@ -131,14 +132,14 @@ def from_diffusers(args) -> None:
     check_target(args.out, args.force)
     d, weights_path, sched_path = diffusers_files(args.src)
     try:
-        d = formats.normalized_unet_config(d)
-        sections, flip = formats.config_from_unet(d)
+        d = weight_formats.normalized_unet_config(d)
+        sections, flip = weight_formats.config_from_unet(d)
         if sched_path:
-            sections["diffusion"] = formats.diffusion_from_scheduler(read_json(sched_path, "scheduler config"))
+            sections["diffusion"] = weight_formats.diffusion_from_scheduler(read_json(sched_path, "scheduler config"))
         cfg = converted_config(sections, args.overrides, args.out)
         model = UNet.from_config(cfg)
-        formats.check_layout(d, formats.unet_config(cfg, model, flip))
-        sd = formats.from_diffusers(read_weights(weights_path), model, cfg.model.time_embedding, flip)
+        weight_formats.check_layout(d, weight_formats.unet_config(cfg, model, flip))
+        sd = weight_formats.from_diffusers(read_weights(weights_path), model, cfg.model.time_embedding, flip)
     except UserError as e:
         raise UserError(f"cannot convert '{args.src}': {e}") from None
     except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as e:
@@ -156,10 +157,10 @@ def from_pytorch_diffusion(args) -> None:
         raise UserError(f"'{args.src}' is not a file; give a pytorch_diffusion checkpoint, e.g. model-790000.ckpt")
     try:
         theirs = read_weights(args.src)
-        cfg = converted_config(formats.config_from_pytorch_diffusion(theirs), args.overrides, args.out)
+        cfg = converted_config(weight_formats.config_from_pytorch_diffusion(theirs), args.overrides, args.out)
         model = UNet.from_config(cfg)
-        formats.check_pytorch_diffusion_groups(model)
-        sd = formats.import_weights(theirs, model, formats.PYTORCH_DIFFUSION)
+        weight_formats.check_pytorch_diffusion_groups(model)
+        sd = weight_formats.import_weights(theirs, model, weight_formats.PYTORCH_DIFFUSION)
     except UserError as e:
         raise UserError(f"cannot convert '{args.src}': {e}") from None
     write_checkpoint(cfg, model, sd, args.src, args.out)
@@ -174,11 +175,11 @@ def to_diffusers(args) -> None:
     model = UNet.from_config(cfg)
     load_weights(model, ckpt["model" if args.no_ema else "ema"], "the checkpoint's weights")
     try:
-        unet = UNet2DModel(**formats.unet_config(cfg, model))
-        scheduler = DDPMScheduler(**formats.scheduler_config(cfg.diffusion))
+        unet = UNet2DModel(**weight_formats.unet_config(cfg, model))
+        scheduler = DDPMScheduler(**weight_formats.scheduler_config(cfg.diffusion))
     except UserError as e:
         raise UserError(f"diffusers cannot express '{args.ckpt}': {e}") from None
-    unet.load_state_dict(formats.to_diffusers(model.state_dict(), model, cfg.model.time_embedding), strict=True)
+    unet.load_state_dict(weight_formats.to_diffusers(model.state_dict(), model, cfg.model.time_embedding), strict=True)
     write_folder(args.out, lambda tmp: DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp))
     print(f"wrote {args.out}: a DDPMPipeline ({'raw' if args.no_ema else 'EMA'} weights of {args.ckpt}, step "
           f"{ckpt['step']}); load it with DDPMPipeline.from_pretrained('{args.out}')")

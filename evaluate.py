@@ -24,11 +24,24 @@ import os
 import torch
 from PIL import Image
 
-from checkpoint import load_checkpoint, model_from_checkpoint
 from config import DataConfig
-from dataset import ImageDataset, build_dataset, list_images
-from distributed import close_distributed, setup_distributed, wait_for_all
-from metrics import (
+from dataset import ImageDataset, build_dataset
+from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
+from ddpm.cli import (
+    SAMPLER_FLAGS,
+    ArgumentParser,
+    add_prompt_flags,
+    add_sampler_flags,
+    class_labels,
+    cli,
+    read_prompts,
+    sampler_overrides,
+)
+from ddpm.conditions import prompt_conditions, prompts_tag
+from ddpm.distributed import close_distributed, setup_distributed, wait_for_all
+from ddpm.generation import prepare_model, sampler_record
+from ddpm.images import list_images
+from ddpm.metrics import (
     REF_CACHE,
     append_record,
     extract_features,
@@ -41,18 +54,8 @@ from metrics import (
     read_records,
     reference_stats,
 )
-from sampling import (
-    SAMPLER_FLAGS,
-    add_sampler_flags,
-    class_labels,
-    existing_images,
-    prepare_model,
-    sample_to_folder,
-    sampler_overrides,
-    sampler_record,
-)
-from text import add_prompt_flags, prompt_conditions, prompts_tag, read_prompts
-from utils import ArgumentParser, UserError, check_writable, cli, on_interrupt
+from ddpm.png_folders import existing_images, sample_to_folder
+from utils import UserError, check_writable, on_interrupt
 
 INCEPTION_BATCH = 500  # images per Inception batch when no checkpoint gives sample.batch_size
 RECORD_FIELDS = ("ckpt", "step", "sampler", "steps", "eta", "order", "spacing", "dynamic_threshold",

@@ -9,10 +9,10 @@ By default it is the network of the paper's code (hojonathanho/diffusion) exactl
 the [sin | cos] timestep embedding, TensorFlow's 'SAME' padding when downsampling and GroupNorm's eps = 1e-6.
 `model.time_embedding`, `model.downsample_padding` and `model.norm_eps` select the earlier choices of this toolkit.
 
-A text-conditional model (`model.text_encoder`, see text.py) adds what Rombach et al. 2022 add to it: cross-attention
-from the image features to the caption's token embeddings after each self-attention, and the pooled caption
-embedding added to the timestep embedding. Both enter through zero-initialised layers, so a fresh text model is the
-unconditional one.
+A text-conditional model (`model.text_encoder`, ddpm/text_encoders.py) adds what Rombach et al. 2022 add to it:
+cross-attention from the image features to the caption's token embeddings after each self-attention, and the pooled
+caption embedding added to the timestep embedding. Both enter through zero-initialised layers, so a fresh text model is
+the unconditional one.
 """
 import math
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from text import LearnedTextEncoder, text_dims
+from ddpm.text_encoders import LearnedTextEncoder, text_dims
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, kind: str) -> torch.Tensor:
@@ -224,7 +224,7 @@ class UNet(nn.Module):
     @classmethod
     def from_config(cls, cfg, text_state=None):
         """The network of a whole Config: its model section at the data's channels and image size; a text model
-        also needs its caption encoder's state (text.py: the vocabulary, or CLIP's width)."""
+        also needs its caption encoder's state (ddpm/text_encoders.py: the vocabulary, or CLIP's width)."""
         return cls(cfg.model, cfg.data.channels, cfg.data.image_size, **text_dims(cfg.model, text_state))
 
     def num_params(self) -> int:
@@ -232,12 +232,12 @@ class UNet(nn.Module):
 
     def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
         """The 'no condition' input of classifier-free guidance, batched like `cond`: the null label, or for a
-        text model the empty caption, which is all zeros (text.py)."""
+        text model the empty caption, which is all zeros (ddpm/text_encoders.py)."""
         return torch.zeros_like(cond) if self.text_proj is not None else torch.full_like(cond, self.num_classes)
 
     def forward(self, x, t, cond=None):
         """Predict from x_t (B x C x H x W) at integer steps t (B,). cond: (B,) labels, or a text model's
-        encoded captions (text.py); None for the null condition."""
+        encoded captions (ddpm/text_encoders.py); None for the null condition."""
         emb = self.time_mlp(timestep_embedding(t, self.conv_in.out_channels, self.time_embedding))
         context = None
         if self.label_emb is not None:

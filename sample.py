@@ -8,7 +8,7 @@
     python sample.py --ckpt ... --sampler dpmpp --steps 20               # DPM-Solver++(2M), 20 network calls
     torchrun --nproc_per_node=4 sample.py --ckpt ... --n 50000 --save-dir DIR   # the folder's batches split over 4
     python sample.py --ckpt ... --init photo.png --strength 0.5          # editing: image to image, --mask, --invert,
-    python sample.py --ckpt ... --interpolate 8 --seed 1 --seed2 2       # --interpolate (edit_cli.py, editing.py)
+    python sample.py --ckpt ... --interpolate 8 --seed 1 --seed2 2       # (ddpm/edit_runs.py, ddpm/edits.py)
 
 Defaults come from the `sample` section of the checkpoint's config; a flag given on the command line
 wins, and `sample.field=value` arguments override that section too (e.g. sample.precision=fp32, or
@@ -26,38 +26,26 @@ import time
 import numpy as np
 import torch
 
-import edit_cli
-from checkpoint import load_checkpoint, model_from_checkpoint
-from diffusion import GaussianDiffusion
-from distributed import close_distributed, setup_distributed, wait_for_all
-from samplers import sampler_timesteps
-from sampling import (
+from dataset import build_dataset
+from ddpm import edit_flags, edit_runs
+from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
+from ddpm.cli import (
+    ArgumentParser,
+    add_prompt_flags,
     add_sampler_flags,
-    batch_generator,
     class_labels,
-    cycle,
-    existing_images,
-    generate,
-    prepare_model,
-    sample_batches,
-    sample_to_folder,
+    cli,
+    read_prompts,
     sampler_overrides,
 )
-from text import add_prompt_flags, prompt_conditions, read_prompts
-from utils import (
-    ArgumentParser,
-    UserError,
-    atomic_write,
-    check_writable,
-    cli,
-    image_format,
-    make_grid,
-    read_text,
-    save_grid,
-    to_pil,
-    to_uint8,
-    writing,
-)
+from ddpm.conditions import prompt_conditions, repeat_to
+from ddpm.distributed import close_distributed, setup_distributed, wait_for_all
+from ddpm.generation import batch_generator, generate, prepare_model, sample_batches
+from ddpm.images import image_format, make_grid, save_grid, to_pil, to_uint8
+from ddpm.png_folders import existing_images, sample_to_folder
+from ddpm.samplers import sampler_timesteps
+from diffusion import GaussianDiffusion
+from utils import UserError, atomic_write, check_writable, read_text, writing
 
 # ---- pictures of the process ----------------------------------------------------------------------------
 
@@ -71,7 +59,7 @@ def denoise(model, diffusion, m, labels, num_records, s, device):
     """Sample m images, recording num_records evenly spaced steps; returns (x_0, trajectory, record)."""
     record = evenly_spaced(sampler_timesteps(diffusion, s), num_records)
     x, trajectory = generate(model, diffusion, m, s, batch_generator(s.seed, 0, m, device), device,
-                             cycle(labels, m), record=record)
+                             repeat_to(labels, m), record=record)
     return x.float().cpu(), trajectory, record
 
 
@@ -116,7 +104,6 @@ def save_forward(cfg, path, schedules, n, seed) -> None:
     """The forward process q(x_t | x_0) on up to 8 real images: a row per image and beta schedule (rows
     grouped per schedule), a column per timestep of forward_timesteps. Every column of a row uses the
     same noise, so the row shows one image drowning along one path."""
-    from dataset import build_dataset
     dataset = build_dataset(cfg.data)
     picks = np.linspace(0, len(dataset) - 1, min(n, 8, len(dataset))).round().astype(int)
     x0 = torch.stack([dataset[int(i)][0] for i in picks])
@@ -151,7 +138,7 @@ def parse_args(argv=None):
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA ones")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. sample.precision=fp32")
-    edit_cli.add_flags(p)
+    edit_flags.add_flags(p)
     return p.parse_intermixed_args(argv)
 
 
@@ -249,7 +236,7 @@ def pictures(args, out, model, diffusion, cfg, labels, nrow, device) -> int:
     s, n, sampled = cfg.sample, cfg.sample.n, 0
     picture_labels = labels[::nrow] if nrow else labels  # one of each class or prompt when a row has one
     if out:
-        batches = sample_batches(model, diffusion, n, s, device, labels=cycle(labels, n))
+        batches = sample_batches(model, diffusion, n, s, device, labels=repeat_to(labels, n))
         save_grid(torch.cat([x for _, x in batches]), out, nrow=nrow)
         sampled += n
         print(f"grid: {out}")
@@ -266,7 +253,7 @@ def run(args, rank, world, device):
     """Everything main does, on one of `world` processes: they share the --save-dir folder; rank 0 alone
     makes the pictures and prints."""
     say = print if rank == 0 else (lambda *a, **k: None)
-    if edit_cli.requested(args):
+    if edit_flags.requested(args):
         edit(args, world, device)
         return
     cfg, model, diffusion, labels, nrow, image_prompts = load(args, device, say)
@@ -292,9 +279,9 @@ def run(args, rank, world, device):
 
 
 def edit(args, world, device):
-    """--init, --interpolate and the other editing flags (edit_cli.py): image to image, inpainting, inversion,
+    """--init, --interpolate and the other editing flags (ddpm/edit_runs.py): image to image, inpainting, inversion,
     interpolation."""
-    which = edit_cli.check_flags(args, world)
+    which = edit_flags.check_flags(args, world)
     cfg, model, diffusion, text_state = load_model(args, device)
     # one condition per prompt or class, cycled over the inputs; None: the unconditional model
     labels = None
@@ -302,7 +289,8 @@ def edit(args, world, device):
         model, labels = prompt_conditions(args, cfg.model, text_state, model, prompts, device)
     elif args.class_label is not None:
         labels, _, _ = class_labels(args.class_label, cfg.model.num_classes, 1)
-    edit_cli.run(args, which, cfg, model, diffusion, labels, device)
+    edit_flags.check_sampler(args, which, cfg.sample, len(sampler_timesteps(diffusion, cfg.sample)))
+    edit_runs.run(args, which, cfg, model, diffusion, labels, device)
 
 
 @cli

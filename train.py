@@ -8,8 +8,8 @@ Outputs: checkpoints/<name>/last.pt (+ the newest step_*.pt), results/<name>/{co
 plots/, logs/ (TensorBoard)}. An interrupted run (Ctrl-C, SIGTERM, kill -9, a crash) continues where it
 stopped when the same command is run again.
 
-The step itself is trainer.Trainer; here every few steps the run logs, draws a grid, scores FID and writes a
-checkpoint (TrainingRun.loop), and the command line sets the run up and resumes it.
+The step itself is ddpm/training_step.py's Trainer; here every few steps the run logs, draws a grid, scores FID
+and writes a checkpoint (TrainingRun.loop), and the command line sets the run up and resumes it.
 """
 import contextlib
 import math
@@ -19,30 +19,19 @@ import time
 import torch
 import torch.distributed as dist
 
-from captions import caption_summary
-from checkpoint import (
-    check_same_architecture,
-    load_checkpoint,
-    save_run_checkpoint,
-)
 from config import check_batch_split, config_from_dict, dump, load_config, resolved, schedule_warning
 from dataset import build_dataset, num_classes
-from distributed import close_distributed, setup_distributed, wait_for_all
-from text import grid_captions
-from trainer import Trainer
-from utils import (
-    ArgumentParser,
-    FolderLock,
-    StopSignal,
-    UserError,
-    atomic_write,
-    check_writable,
-    cli,
-    enable_tf32,
-    make_grid,
-    save_image,
-    to_uint8,
-)
+from ddpm.captions import caption_summary
+from ddpm.checkpoint import check_same_architecture, load_checkpoint, save_run_checkpoint
+from ddpm.cli import ArgumentParser, StopSignal, cli
+from ddpm.conditions import grid_captions
+from ddpm.distributed import close_distributed, setup_distributed, wait_for_all
+from ddpm.generation import generate, sampler_record
+from ddpm.images import make_grid, save_image, to_uint8
+from ddpm.metrics import append_record, fid_of, load_inception
+from ddpm.run_log import RunLog
+from ddpm.training_step import Trainer
+from utils import FolderLock, UserError, atomic_write, check_writable, enable_tf32
 
 
 def parse_args(argv=None):
@@ -121,7 +110,6 @@ class TrainingRun:
 
     def sample_grid(self) -> None:
         """A grid from the EMA model with fixed noise (same seed every time), so grids are comparable."""
-        from sampling import generate
         cfg, trainer = self.cfg, self.trainer
         gen = torch.Generator(trainer.device).manual_seed(cfg.train.seed)
         labels, nrow = None, None
@@ -148,8 +136,6 @@ class TrainingRun:
 
     def log_fid(self) -> None:
         """FID of train.fid_samples EMA samples, to TensorBoard and results/<name>/metrics.json."""
-        from metrics import append_record, fid_of
-        from sampling import sampler_record
         cfg, step, n = self.cfg, self.trainer.step, self.cfg.train.fid_samples
         fid = fid_of(self.trainer.ema, self.trainer.diffusion, cfg, n, self.trainer.device, self.extractor)
         self.runlog.scalar("eval/fid", fid, step)
@@ -224,7 +210,7 @@ def load_data(cfg, rank, world):
 
 @cli
 def main(argv=None, extractor=None):
-    """extractor: the FID feature network for train.fid_every (default: the Inception of metrics.py)."""
+    """extractor: the FID feature network for train.fid_every (default: the Inception of ddpm/metrics.py)."""
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.device)
     try:
@@ -248,7 +234,6 @@ def run(args, rank, world, device, extractor=None):
         del ckpt  # the weights now live in the trainer
         stack.callback(trainer.release)
         if cfg.train.fid_every and rank == 0 and extractor is None:
-            from metrics import load_inception  # now: a missing weights file fails before training
             extractor = load_inception(None, device)
         stop = stack.enter_context(StopSignal())
         runlog = stack.enter_context(open_runlog(cfg, trainer, ckpt_dir, out_dir, path, history)) if rank == 0 else None
@@ -275,7 +260,6 @@ def start_trainer(cfg, name, rank, world, device, ckpt, path):
 @contextlib.contextmanager
 def open_runlog(cfg, trainer, ckpt_dir, out_dir, path, history):
     """Rank 0's RunLog, after printing the config and writing it to results/<name>/config.yaml."""
-    from runlog import RunLog
     runlog = RunLog(out_dir, trainer.step, cfg.train.max_steps, history)
     try:
         trainer.log = runlog.message

@@ -1,13 +1,8 @@
 """Small helpers shared by the scripts: one-line errors and interrupts, devices, safe file writes and folder
 locks, image grids."""
-import argparse
 import contextlib
-import functools
 import json
-import math
 import os
-import signal
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,10 +17,6 @@ class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt is for Ctrl-C (a BaseException, so `except Exception` lets it by)."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated
-
-
 @contextlib.contextmanager
 def on_interrupt(note):
     """While inside, Ctrl-C or SIGTERM ends the script with one line, 'interrupted: ' + note(), which says what
@@ -36,56 +27,6 @@ def on_interrupt(note):
         if not hasattr(e, "note"):
             e.note = note()
         raise
-
-
-def cli(main):
-    """Run a script's main(). A UserError becomes 'error: ...' on stderr and exit code 2; Ctrl-C and SIGTERM
-    become 'interrupted: ...' (see on_interrupt) and exit codes 130 and 143, as a shell reports them."""
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-        try:
-            return main(*args, **kwargs)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except (KeyboardInterrupt, Terminated) as e:
-            note = getattr(e, "note", "nothing was written; run the command again")
-            print(f"\ninterrupted: {note}", file=sys.stderr)
-            sys.exit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT))
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-    return wrapper
-
-
-class StopSignal:
-    """Ctrl-C and SIGTERM set `signum`, which the loop reads between steps; a second one ends the process."""
-
-    def __enter__(self):
-        self.signum = 0
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signum, signal.SIG_DFL)
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one 'error: ...' line and exit code 2, like every other user error, and whose
-    positional arguments (the section.field=value overrides) may come before, between or after the flags."""
-
-    def error(self, message):
-        raise UserError(message)
-
-    def parse_args(self, args=None, namespace=None):
-        if self._subparsers is not None:  # argparse cannot intermix with sub-commands
-            return super().parse_args(args, namespace)
-        return self.parse_intermixed_args(args, namespace)
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
@@ -208,55 +149,6 @@ def thread_map(fn, items, workers: int | None = None):
         yield from pool.map(fn, items)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (B x C x H x W) to uint8 in [0, 255], on the CPU."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
-def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 255):
-    """uint8 images B x C x H x W as one uint8 H' x W' x C array, nrow = ceil(sqrt(B)) by default."""
-    b, c, h, w = images.shape
-    nrow = nrow or math.ceil(math.sqrt(b))
-    ncol = math.ceil(b / nrow)
-    grid = torch.full((c, ncol * (h + padding) + padding, nrow * (w + padding) + padding),
-                      pad_value, dtype=torch.uint8)
-    for i in range(b):
-        r, q = divmod(i, nrow)
-        top, left = padding + r * (h + padding), padding + q * (w + padding)
-        grid[:, top:top + h, left:left + w] = images[i]
-    return grid.permute(1, 2, 0).numpy()
-
-
-def to_pil(array):
-    """An H x W x C uint8 array (C = 1 or 3) as a PIL image (mode L or RGB)."""
-    from PIL import Image
-    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-
-
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
-                 ".tiff": "TIFF"}
-
-
-def image_format(path: str, formats: dict = IMAGE_FORMATS) -> str:
-    """The file format that `path`'s extension names; an extension we do not write is a one-line UserError."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in formats:
-        raise UserError(f"cannot write '{path}': give a file name ending in {', '.join(formats)}")
-    return formats[ext]
-
-
-def save_image(array, path: str) -> None:
-    """Save an H x W x C uint8 array (C = 1 or 3) atomically, in the format its extension names (JPEG at quality
-    95; PNG where lossless matters)."""
-    img, fmt = to_pil(array), image_format(path)
-    atomic_write(path, lambda f: img.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})))
-
-
-def save_grid(x: torch.Tensor, path: str, nrow: int | None = None) -> None:
-    """Save images in [-1, 1] as one grid PNG."""
-    save_image(make_grid(to_uint8(x), nrow=nrow), path)
 
 
 def read_text(path: str, what: str) -> str:

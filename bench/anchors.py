@@ -23,9 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from config import load_config  # noqa: E402
+from ddpm.samplers import sample_loop  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from model import UNet  # noqa: E402
-from samplers import sample_loop  # noqa: E402
 
 CIFAR10 = os.path.join(ROOT, "configs", "cifar10.yaml")
 SIZE, QUICK_SIZE = 32, 16  # image size of the benchmark, and of its smoke mode

@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import anchors  # noqa: E402
 from anchors import CIFAR10, QUICK_OURS, ROOT  # noqa: E402
 
-from utils import ArgumentParser, cli, enable_tf32, first_line, thread_map  # noqa: E402
+from ddpm.cli import ArgumentParser, cli  # noqa: E402
+from utils import enable_tf32, first_line, thread_map  # noqa: E402
 
 PARTS = ("compute", "sample", "e2e", "loss")
 FIGURES = ("train_img_per_s", "train_e2e_img_per_s", "sample_ddim50_img_per_s", "fwd_gflop_per_img", "mfu",

@@ -31,9 +31,9 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from diffusion_refs import GaussianEps  # noqa: E402  (the closed forms the tests use)
 
 from config import DiffusionConfig, SampleConfig  # noqa: E402
+from ddpm.cli import ArgumentParser, cli  # noqa: E402
+from ddpm.samplers import SPACINGS, sample_loop  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
-from samplers import SPACINGS, sample_loop  # noqa: E402
-from utils import ArgumentParser, cli  # noqa: E402
 
 PARTS = ("ode", "ckpt")
 
@@ -130,14 +130,14 @@ def ode_part(args) -> dict:
 
 def timed_samples(model, diffusion, s, n, seed=0):
     """(n images, images/s) of sampler settings s, x_T from the seed's generator (the same for every sampler)."""
-    from sampling import batch_generator, generate
+    from ddpm.generation import batch_generator, generate
     start = time.perf_counter()
     x = generate(model, diffusion, n, s, batch_generator(seed, 0, n, "cpu"), "cpu")
     return x, n / (time.perf_counter() - start)
 
 
 def ckpt_part(args) -> dict:
-    from checkpoint import load_checkpoint, model_from_checkpoint
+    from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
     cfg, model, diffusion = model_from_checkpoint(load_checkpoint(args.ckpt), "cpu")
     T = cfg.diffusion.timesteps
     ref_settings = SampleConfig(sampler="ddim", steps=T, eta=0.0, precision="fp32")

@@ -7,11 +7,11 @@ import sys
 import torch
 import torch.nn as nn
 
-from checkpoint import save_checkpoint
 from config import DiffusionConfig, ModelConfig, load_config, to_dict
+from ddpm.checkpoint import save_checkpoint
+from ddpm.text_encoders import prompt_encoder
 from diffusion import GaussianDiffusion
 from model import UNet
-from text import prompt_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "quickstart.yaml")

@@ -7,7 +7,7 @@ from diffusion_refs import GaussianEps
 from helpers import make_diffusion
 
 from config import SampleConfig
-from samplers import sample_loop, sampler_timesteps
+from ddpm.samplers import sample_loop, sampler_timesteps
 
 T = 1000
 # diffusers 0.42 calls np.array(tensor, copy=False) in set_timesteps, which numpy 2 warns about

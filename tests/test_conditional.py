@@ -7,10 +7,10 @@ import torch
 from helpers import CONFIG, ROOT, TINY, assert_one_line_error, run_script
 from PIL import Image
 
-import sampling
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint
 from config import SampleConfig
+from ddpm import generation
+from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
 
 SIZE = 8
 
@@ -54,7 +54,7 @@ def samples_of(ckpt_path, label, guidance, n=64):
     cfg, model, diffusion = model_from_checkpoint(load_checkpoint(str(ckpt_path)), torch.device("cpu"))
     y = None if label is None else torch.full((n,), label, dtype=torch.long)
     s = SampleConfig(sampler="ddim", steps=20, guidance_scale=guidance)
-    return sampling.generate(model, diffusion, n, s, torch.Generator().manual_seed(1), "cpu", y)
+    return generation.generate(model, diffusion, n, s, torch.Generator().manual_seed(1), "cpu", y)
 
 
 def test_num_classes_auto_comes_from_the_sub_folders(conditional_run):

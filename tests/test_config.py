@@ -246,7 +246,7 @@ def test_to_dict_is_plain_and_round_trips():
 
 
 def test_cli_turns_config_errors_into_exit_code_2():
-    code = ("import sys; sys.path.insert(0, %r); from utils import cli; from config import load_config; "
+    code = ("import sys; sys.path.insert(0, %r); from ddpm.cli import cli; from config import load_config; "
             "cli(lambda: load_config(None, ['model.nope=1']))()") % ROOT
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc

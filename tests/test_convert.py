@@ -1,4 +1,5 @@
-"""convert.py and formats.py against diffusers itself (no network): its UNet2DModel imported and our U-Net exported
+"""convert.py and ddpm/weight_formats.py against diffusers itself (no network): its
+UNet2DModel imported and our U-Net exported
 give the same outputs, diffusers' DDIM loop on an export gives our DDIM images, a round trip is bit-identical,
 pytorch_diffusion's key names (from pesser/pytorch_diffusion's model.py) import, the converted checkpoint samples,
 fine-tunes and evaluates, and bad input is one line with nothing overwritten."""
@@ -17,8 +18,8 @@ pytest.importorskip("safetensors")
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
 import convert  # noqa: E402
-from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from config import load_config  # noqa: E402
+from ddpm.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 
 # the paper's layout on diffusers' side (google/ddpm-cifar10-32), and a small one (11M parameters, 16x16 images)
 PAPER = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),

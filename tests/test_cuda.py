@@ -8,14 +8,15 @@ import pytest
 import torch
 from helpers import CONFIG, ROOT, TINY, perturb_zero_params, run_script
 
-import sampling
-from checkpoint import load_checkpoint
 from config import SampleConfig, load_config
-from dataset import Batches, build_dataset
+from dataset import build_dataset
+from ddpm import generation
+from ddpm.batches import Batches
+from ddpm.checkpoint import load_checkpoint
+from ddpm.samplers import sample_loop
+from ddpm.training_step import Trainer
 from diffusion import GaussianDiffusion
 from model import UNet
-from samplers import sample_loop
-from trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -73,7 +74,7 @@ def random_model(*overrides):
 def ddim(model, diffusion, precision):
     gen = torch.Generator(CUDA).manual_seed(0)
     s = SampleConfig(sampler="ddim", steps=5, precision=precision)
-    return sampling.generate(model, diffusion, 8, s, gen, CUDA)
+    return generation.generate(model, diffusion, 8, s, gen, CUDA)
 
 
 def relative_error(a, b):
@@ -84,7 +85,7 @@ def test_sampling_bf16_and_compiled_agree_with_fp32_eager():
     cfg, model, diffusion = random_model("train.compile=auto")
     reference = ddim(model, diffusion, "fp32")
     assert relative_error(ddim(model, diffusion, "bf16"), reference) < 5e-2
-    compiled = sampling.prepare_model(model, diffusion, cfg, CUDA, 8, None)
+    compiled = generation.prepare_model(model, diffusion, cfg, CUDA, 8, None)
     assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
     assert relative_error(ddim(compiled, diffusion, "fp32"), reference) < 1e-2
 

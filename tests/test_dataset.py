@@ -14,7 +14,10 @@ from PIL import Image
 import dataset
 import utils
 from config import DataConfig
-from dataset import Batches, ImageDataset, build_dataset, load_uint8, make_shapes, num_classes, preload_wanted
+from dataset import ImageDataset, build_dataset, num_classes, preload_wanted
+from ddpm.batches import Batches
+from ddpm.image_cache import load_uint8
+from ddpm.shapes import make_shapes
 from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,8 +182,8 @@ def test_folder_cache_is_written_reused_and_invalidated(tmp_path, monkeypatch, c
     assert len(glob.glob(str(tmp_path / ".ddpm-cache-*.npz"))) == 1
 
     decoded = []
-    real_decode = dataset._decode
-    monkeypatch.setattr(dataset, "_decode", lambda *a: decoded.append(a) or real_decode(*a))
+    real_decode = dataset.decode_image
+    monkeypatch.setattr(dataset, "decode_image", lambda *a: decoded.append(a) or real_decode(*a))
     again, again_labels = load_uint8(build_dataset(cfg), cfg)
     assert decoded == [] and "reusing" in capsys.readouterr().out
     assert torch.equal(first, again) and torch.equal(labels, again_labels)

@@ -9,7 +9,7 @@ import torch
 from helpers import CONFIG, ROOT, TINY, run_script
 
 import train
-from checkpoint import load_checkpoint
+from ddpm.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or sys.platform == "win32",
                                 reason="needs torch.distributed with gloo")

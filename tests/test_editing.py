@@ -1,4 +1,5 @@
-"""editing.py and sample.py's editing flags (edit_cli.py): image to image, RePaint inpainting, DDIM inversion and
+"""ddpm/edits.py and sample.py's editing flags (ddpm/edit_runs.py):
+image to image, RePaint inpainting, DDIM inversion and
 interpolation. The math against float64 closed forms (the forward jump, slerp, the probability-flow ODE of
 Gaussian data), the exactness claims on tiny random checkpoints (16x16, T = 20), and inversion end to end on a
 tiny checkpoint trained in the fixture (8x8 shapes, T = 100)."""
@@ -15,11 +16,11 @@ from diffusion_refs import GaussianEps, ref_linear_betas
 from helpers import ROOT, fails_in_process, make_diffusion, tiny_checkpoint, tiny_unet, trained_tiny_checkpoint
 from PIL import Image
 
-import editing
 import sample
-import sampling
 from config import SampleConfig
-from samplers import spaced_timesteps
+from ddpm import edits, generation, images
+from ddpm.images import decode_image
+from ddpm.samplers import spaced_timesteps
 
 SIZE, T = 16, 20  # the random checkpoints: helpers.TINY_CKPT, 5 DDIM steps, batches of 4
 SAMPLERS = [["--sampler", "ddpm"], ["--sampler", "ddim"], ["--sampler", "dpmpp"]]
@@ -70,8 +71,7 @@ def pixels(path) -> np.ndarray:
 
 def as_read(path, size=SIZE) -> np.ndarray:
     """An input image as the model sees it (resized, centre-cropped, RGB), as uint8 H x W x C."""
-    from dataset import _decode
-    return _decode(str(path), size, 3).permute(1, 2, 0).numpy().astype(np.int64)
+    return decode_image(str(path), size, 3).permute(1, 2, 0).numpy().astype(np.int64)
 
 
 # ---- the math against float64 ------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def test_forward_jump_is_the_forward_process_from_s_to_t():
         for k in range(s + 1, t + 1):
             mean, var = mean * math.sqrt(1 - betas[k]), (1 - betas[k]) * var + betas[k]
         expected = mean * x_s + math.sqrt(var) * noise
-        np.testing.assert_allclose(editing.forward_jump(d, x_s, s, t, noise).numpy(), expected.numpy(),
+        np.testing.assert_allclose(edits.forward_jump(d, x_s, s, t, noise).numpy(), expected.numpy(),
                                    rtol=1e-11, atol=1e-13, err_msg=f"{s} -> {t}")
 
 
@@ -101,21 +101,21 @@ def test_slerp_is_the_rotation_between_a_and_b():
         a, b = (r * e1).reshape(1, 3, 4, 4), (r * (math.cos(theta) * e1 + math.sin(theta) * e2)).reshape(1, 3, 4, 4)
         for w in (0.0, 0.25, 0.5, 0.9, 1.0):
             expected = r * (math.cos(w * theta) * e1 + math.sin(w * theta) * e2)
-            np.testing.assert_allclose(editing.slerp(a, b, w).flatten().numpy(), expected.numpy(), atol=1e-12)
+            np.testing.assert_allclose(edits.slerp(a, b, w).flatten().numpy(), expected.numpy(), atol=1e-12)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    path = editing.slerp_path(x[:1], x[1:], 5)
+    path = edits.slerp_path(x[:1], x[1:], 5)
     assert torch.equal(path[0], x[0]) and torch.equal(path[-1], x[1])
-    assert torch.allclose(editing.slerp(x[:1], 2 * x[:1], 0.5), 1.5 * x[:1])  # parallel: the straight line
+    assert torch.allclose(edits.slerp(x[:1], 2 * x[:1], 0.5), 1.5 * x[:1])  # parallel: the straight line
 
 
 def test_repaint_schedule():
     """RePaint's sequence of positions (n-1 down to the data, -1): n = 5, jump 2, resample 2, by hand from the
     paper's rule; jump 1 is Algorithm 1 (every step run `resample` times); resample 1 is the plain run."""
-    assert editing.repaint_schedule(5, 2, 2) == [4, 3, 2, 3, 4, 3, 2, 1, 0, 1, 2, 1, 0, -1]
-    assert editing.repaint_schedule(3, 1, 3) == [2, 1, 2, 1, 2, 1, 0, 1, 0, 1, 0, -1]
-    assert editing.repaint_schedule(6, 10, 10) == editing.repaint_schedule(6, 2, 1) == [5, 4, 3, 2, 1, 0, -1]
+    assert edits.repaint_schedule(5, 2, 2) == [4, 3, 2, 3, 4, 3, 2, 1, 0, 1, 2, 1, 0, -1]
+    assert edits.repaint_schedule(3, 1, 3) == [2, 1, 2, 1, 2, 1, 0, 1, 0, 1, 0, -1]
+    assert edits.repaint_schedule(6, 10, 10) == edits.repaint_schedule(6, 2, 1) == [5, 4, 3, 2, 1, 0, -1]
     n, jump, resample = 50, 10, 10
-    schedule = editing.repaint_schedule(n, jump, resample)
+    schedule = edits.repaint_schedule(n, jump, resample)
     moves = np.diff(schedule)
     assert set(moves) == {-1, 1} and schedule[0] == n - 1 and schedule[-1] == -1
     assert (moves == -1).sum() == n + (resample - 1) * jump * len(range(0, n - jump, jump))  # the network calls
@@ -124,16 +124,16 @@ def test_repaint_schedule():
 def test_strength_start_is_the_last_round_NS_steps():
     d = make_diffusion(timesteps=1000)
     ddpm, ddim = SampleConfig(sampler="ddpm"), SampleConfig(sampler="ddim", steps=50)
-    assert editing.strength_start(d, ddpm, 0.3) == 299  # round(S T) - 1
-    assert editing.strength_start(d, ddpm, 1.0) == 999
-    assert editing.strength_start(d, ddpm, 0.0005) == 0 and editing.strength_start(d, ddpm, 0.0004) is None
+    assert edits.strength_start(d, ddpm, 0.3) == 299  # round(S T) - 1
+    assert edits.strength_start(d, ddpm, 1.0) == 999
+    assert edits.strength_start(d, ddpm, 0.0005) == 0 and edits.strength_start(d, ddpm, 0.0004) is None
     timesteps = spaced_timesteps(d.alphas_cumprod64, 50, "linspace")
-    assert editing.strength_start(d, ddim, 0.3) == timesteps[-15]
-    assert editing.strength_start(d, ddim, 0.29) == timesteps[-15]  # 14.5 rounds up
-    assert editing.strength_start(d, ddim, 0.009) is None
+    assert edits.strength_start(d, ddim, 0.3) == timesteps[-15]
+    assert edits.strength_start(d, ddim, 0.29) == timesteps[-15]  # 14.5 rounds up
+    assert edits.strength_start(d, ddim, 0.009) is None
     for bad in (0.0, -0.1, 1.01):
         with pytest.raises(ValueError, match="strength"):
-            editing.strength_start(d, ddim, bad)
+            edits.strength_start(d, ddim, bad)
 
 
 def errors_against_the_exact_ode(steps, spacing):
@@ -147,8 +147,8 @@ def errors_against_the_exact_ode(steps, spacing):
     out = []
     for n in steps:
         s = SampleConfig(sampler="ddim", steps=n, spacing=spacing)
-        x_T = editing.ddim_invert(d, d.denoiser(model), x0, s)
-        again = editing.decode(d, d.denoiser(model), x_T, s)
+        x_T = edits.ddim_invert(d, d.denoiser(model), x0, s)
+        again = edits.decode(d, d.denoiser(model), x_T, s)
         out.append(((x_T.double() - exact).pow(2).mean().sqrt().item(), (again - x0).pow(2).mean().sqrt().item()))
     return np.array(out)
 
@@ -174,11 +174,11 @@ def test_strength_1_is_plain_sampling_and_no_step_is_the_input(sampler):
     model = tiny_unet(seed=3)
     s = SampleConfig(sampler=sampler, steps=5)
     x0 = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4)) * 2 - 1
-    plain = sampling.generate(model, d, 2, s, sampling.batch_generator(7, 0, 2, "cpu"), "cpu")
-    edited = editing.img2img(d, d.denoiser(model), x0, s, 1.0, sampling.batch_generator(7, 0, 2, "cpu"))
+    plain = generation.generate(model, d, 2, s, generation.batch_generator(7, 0, 2, "cpu"), "cpu")
+    edited = edits.img2img(d, d.denoiser(model), x0, s, 1.0, generation.batch_generator(7, 0, 2, "cpu"))
     assert torch.equal(edited, plain)
-    assert torch.equal(editing.img2img(d, d.denoiser(model), x0, s, 0.02, torch.Generator()), x0)  # round(0.1) = 0
-    half = editing.img2img(d, d.denoiser(model), x0, s, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(edits.img2img(d, d.denoiser(model), x0, s, 0.02, torch.Generator()), x0)  # round(0.1) = 0
+    half = edits.img2img(d, d.denoiser(model), x0, s, 0.5, torch.Generator().manual_seed(0))
     assert 0 < (half - x0).abs().mean() < (plain - x0).abs().mean()
 
 
@@ -198,7 +198,7 @@ def test_img2img_runs_the_last_k_steps_from_q_of_the_input():
     sqrt(a_t0) x_0 + sqrt(1 - a_t0) eps with eps the generator's first draw."""
     diffusion, s = make_diffusion(timesteps=100), SampleConfig(sampler="ddim", steps=10)
     x0, record = torch.rand(2, 3, 8, 8) * 2 - 1, Recorder(make_diffusion(timesteps=100))
-    editing.img2img(diffusion, record, x0, s, 0.3, torch.Generator().manual_seed(3))
+    edits.img2img(diffusion, record, x0, s, 0.3, torch.Generator().manual_seed(3))
     timesteps = spaced_timesteps(diffusion.alphas_cumprod64, 10, "linspace")
     assert [t for t, _ in record.calls] == timesteps[-3:]
     a = float(diffusion.alphas_cumprod64[timesteps[-3]])
@@ -217,9 +217,9 @@ def test_repaint_feeds_the_network_the_known_part_from_q_and_jumps_back_up():
     keep = torch.zeros_like(x0, dtype=torch.bool)
     keep[..., :16] = True
     record = Recorder(diffusion)
-    editing.repaint(diffusion, record, x0, keep, s, torch.Generator().manual_seed(0), jump=2, resample=3)
+    edits.repaint(diffusion, record, x0, keep, s, torch.Generator().manual_seed(0), jump=2, resample=3)
     timesteps, a = spaced_timesteps(diffusion.alphas_cumprod64, 10, "linspace"), diffusion.alphas_cumprod64
-    schedule = editing.repaint_schedule(10, 2, 3)
+    schedule = edits.repaint_schedule(10, 2, 3)
     m = keep.sum().item()
     assert [t for t, _ in record.calls] == [timesteps[9 - r] for r, q in zip(schedule, schedule[1:]) if q < r]
     calls, var = iter(record.calls), 1.0  # x_T ~ N(0, I)
@@ -284,13 +284,13 @@ def test_a_folder_resumes_with_the_files_of_one_run(ckpt, inputs, tmp_path, monk
     the folder ends as one made in one go; other settings are refused for that folder."""
     argv = ["--ckpt", ckpt, "--init", inputs, "--strength", 0.6, "--batch-size", 2, "--sampler", "ddpm"]
     run(*argv, "--save-dir", tmp_path / "once")
-    save_png = sampling.save_png
+    save_png = images.save_png
 
     def one_then_stop(image, path):
         if os.path.exists(tmp_path / "resumed" / "a.png"):
             raise KeyboardInterrupt
         save_png(image, path)
-    monkeypatch.setattr("edit_cli.save_png", one_then_stop)
+    monkeypatch.setattr("ddpm.edit_runs.save_png", one_then_stop)
     with pytest.raises(SystemExit) as e:
         run(*argv, "--save-dir", tmp_path / "resumed")
     assert e.value.code == 130
@@ -331,7 +331,7 @@ def test_inpainting_keeps_every_known_pixel(ckpt, inputs, tmp_path, flags):
         "--save-dir", tmp_path)
     from PIL import ImageOps
 
-    from dataset import open_image
+    from ddpm.images import open_image
     mask = np.asarray(ImageOps.fit(open_image(str(inputs.parent / "mask.png"), 1), (SIZE, SIZE),
                                    Image.Resampling.NEAREST)) > 127
     assert 0.2 < mask.mean() < 0.6
@@ -342,13 +342,13 @@ def test_inpainting_keeps_every_known_pixel(ckpt, inputs, tmp_path, flags):
 
 def test_inversion_writes_x_T_that_decodes_to_the_reconstruction(ckpt, inputs, tmp_path):
     run("--ckpt", ckpt, "--init", inputs, "--invert", "--sampler", "dpmpp", "--save-dir", tmp_path)
-    from checkpoint import load_checkpoint, model_from_checkpoint
+    from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
     _, model, d = model_from_checkpoint(load_checkpoint(ckpt), "cpu", overrides=["sample.sampler=dpmpp"])
     for name in ("a", "b", "c"):
         x_T = torch.load(tmp_path / f"{name}.xT.pt", weights_only=True)
         assert x_T.shape == (3, SIZE, SIZE) and x_T.dtype == torch.float32
-        again = editing.decode(d, d.denoiser(model), x_T[None], SampleConfig(sampler="dpmpp", steps=5))
-        decoded = sampling.to_uint8(again)[0].permute(1, 2, 0).numpy()
+        again = edits.decode(d, d.denoiser(model), x_T[None], SampleConfig(sampler="dpmpp", steps=5))
+        decoded = images.to_uint8(again)[0].permute(1, 2, 0).numpy()
         assert np.abs(decoded - pixels(tmp_path / f"{name}.png")).max() <= 1
 
 
@@ -468,9 +468,9 @@ def trained(tmp_path_factory):
     """The tiny network trained on two 8x8 shapes (helpers.trained_tiny_checkpoint), and those two images."""
     folder = tmp_path_factory.mktemp("trained")
     path = trained_tiny_checkpoint(folder / "last.pt")
-    from checkpoint import load_checkpoint
     from config import config_from_dict
     from dataset import build_dataset
+    from ddpm.checkpoint import load_checkpoint
     dataset = build_dataset(config_from_dict(load_checkpoint(path)["config"]).data)
     (folder / "images").mkdir()
     for i in range(2):

@@ -1,4 +1,4 @@
-"""evaluate.py and metrics.py: the metrics against closed forms, and the command end to end with a small
+"""evaluate.py and ddpm/metrics.py: the metrics against closed forms, and the command end to end with a small
 fixed random conv net in place of the Inception (whose real weights cannot be fetched here)."""
 import dataclasses
 import json
@@ -13,10 +13,11 @@ from helpers import ROOT, TinyExtractor, assert_one_line_error, files_in, run_sc
 from PIL import Image
 
 import evaluate
-import metrics
-from checkpoint import load_checkpoint, model_from_checkpoint
 from config import load_config
-from dataset import make_shapes
+from ddpm import metrics
+from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
+from ddpm.shapes import make_shapes
+from utils import UserError
 
 
 def write_pngs(folder, images):
@@ -178,7 +179,7 @@ def test_missing_weights_is_one_line_error_without_download(tmp_path, folders):
     assert_one_line_error(proc, expected, metrics.WEIGHTS_URL, "--inception-weights")
     assert list(torch_home.rglob("*")) == []  # nothing downloaded, not even a partial file
     assert not (tmp_path / "m.json").exists()
-    with pytest.raises(metrics.UserError, match="nowhere.pth"):
+    with pytest.raises(UserError, match="nowhere.pth"):
         metrics.load_inception("nowhere.pth", "cpu")
 
 
@@ -193,7 +194,7 @@ def test_real_extractor_loads_a_local_weights_file(tmp_path):
     assert features.shape == (2, 2048) and logits.shape == (2, 1008) and features.dtype == np.float32
     assert extractor.name.startswith("inception-") and extractor.name != metrics.InceptionExtractor.name
     torch.save({"not": torch.zeros(1)}, tmp_path / "wrong.pth")
-    with pytest.raises(metrics.UserError, match="cannot load the Inception weights"):
+    with pytest.raises(UserError, match="cannot load the Inception weights"):
         metrics.load_inception(str(tmp_path / "wrong.pth"), "cpu")
 
 

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from config import DataConfig
-from dataset import build_dataset, list_images, open_image
+from dataset import build_dataset
+from ddpm.images import list_images, open_image
 
 WHITE = 255
 

@@ -1,4 +1,4 @@
-"""The U-Net (model.py) and checkpoints (checkpoint.py): the timestep embedding against its formula in float64,
+"""The U-Net (model.py) and checkpoints (ddpm/checkpoint.py): the timestep embedding against its formula in float64,
 attention against a float64 reference, shapes, initialisation, conditioning, size, that it can learn, and
 checkpoint files (round trip and one-line errors)."""
 import math
@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import CONFIG, ROOT, make_diffusion, perturb_zero_params, tiny_checkpoint, tiny_unet
 
-from checkpoint import (
+from config import ModelConfig, load_config, to_dict
+from ddpm.checkpoint import (
     BEFORE_MODEL_OPTIONS,
     check_same_architecture,
     load_checkpoint,
@@ -16,7 +17,6 @@ from checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from config import ModelConfig, load_config, to_dict
 from model import Attention, Downsample, ResBlock, UNet, group_norm, timestep_embedding
 from utils import UserError
 

@@ -23,8 +23,8 @@ from PIL import Image
 
 import sample
 import train
-from distributed import torchrun_env
-from runlog import smooth
+from ddpm.distributed import torchrun_env
+from ddpm.run_log import smooth
 from utils import UserError
 
 TRAIN = [os.path.join(ROOT, "train.py"), "--config", CONFIG, "--name", "t", *TINY]

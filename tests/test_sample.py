@@ -13,9 +13,9 @@ from helpers import ROOT, fails_in_process, files_in, run_script, tiny_checkpoin
 from PIL import Image, ImageSequence
 
 import sample
-import sampling
-from checkpoint import load_checkpoint, model_from_checkpoint
 from config import SampleConfig
+from ddpm import generation, images, png_folders
+from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
 
 SIZE, PAD, T = 16, 2, 20  # helpers.TINY_CKPT: 16x16 images, T = 20, 5 DDIM steps, sample.n = 4
 
@@ -102,7 +102,7 @@ def test_generate(ckpt):
     _, model, diffusion = model_from_checkpoint(load_checkpoint(ckpt), "cpu")
     gen = torch.Generator().manual_seed(0)
     s = SampleConfig(sampler="ddim", steps=4)
-    x, trajectory = sampling.generate(model, diffusion, 2, s, gen, "cpu", record=(T - 1, 5, 0))
+    x, trajectory = generation.generate(model, diffusion, 2, s, gen, "cpu", record=(T - 1, 5, 0))
     assert x.shape == (2, 3, SIZE, SIZE) and x.dtype == torch.float32 and x.abs().max() <= 1
     # 4 DDIM steps of T = 20 visit 19, 14, 10, 5, then step to the data (index 0 is never evaluated)
     assert trajectory["t"] == [T - 1, 5] and trajectory["x0"][0].shape == x.shape
@@ -129,12 +129,12 @@ def test_save_dir_writes_n_files_and_adds_only_missing_ones(ckpt, tmp_path):
 def test_resumed_folder_equals_one_made_in_one_go(ckpt, tmp_path, monkeypatch):
     argv = ["--ckpt", ckpt, "--n", 7, "--batch-size", 3, "--sampler", "ddpm"]
     run(*argv, "--save-dir", tmp_path / "once")
-    save_png = sampling.save_png
+    save_png = images.save_png
     def save_four_then_stop(image, path):
         if len(names(tmp_path / "resumed")) == 4:  # killed in the middle of the second batch
             raise KeyboardInterrupt
         save_png(image, path)
-    monkeypatch.setattr(sampling, "save_png", save_four_then_stop)
+    monkeypatch.setattr(png_folders, "save_png", save_four_then_stop)
     with pytest.raises(SystemExit) as e:  # Ctrl-C: one line and exit code 130
         run(*argv, "--save-dir", tmp_path / "resumed")
     assert e.value.code == 130
@@ -150,8 +150,8 @@ def test_resumed_folder_equals_one_made_in_one_go(ckpt, tmp_path, monkeypatch):
 def test_sample_to_folder_returns_the_count(cond_ckpt, tmp_path):
     _, model, diffusion = model_from_checkpoint(load_checkpoint(cond_ckpt), "cpu")
     s = SampleConfig(batch_size=2, sampler="ddim", steps=2, guidance_scale=2.0)
-    assert sampling.sample_to_folder(model, diffusion, str(tmp_path), 3, s, "cpu", class_labels=[2, 0]) == 3
-    assert sampling.sample_to_folder(model, diffusion, str(tmp_path), 2, s, "cpu",
+    assert png_folders.sample_to_folder(model, diffusion, str(tmp_path), 3, s, "cpu", class_labels=[2, 0]) == 3
+    assert png_folders.sample_to_folder(model, diffusion, str(tmp_path), 2, s, "cpu",
                                      class_labels=torch.tensor([1, 1])) == 3
 
 
@@ -196,12 +196,12 @@ def test_forward_timesteps():
 
 def spy_labels(monkeypatch):
     """Record the labels of every generate() call."""
-    seen, generate = [], sampling.generate
+    seen, generate = [], generation.generate
     def spy(*args, **kwargs):
         cond = inspect.signature(generate).bind(*args, **kwargs).arguments.get("cond")
         seen.append(None if cond is None else cond.tolist())
         return generate(*args, **kwargs)
-    monkeypatch.setattr(sampling, "generate", spy)
+    monkeypatch.setattr(generation, "generate", spy)
     return seen
 
 
@@ -338,7 +338,7 @@ def test_each_rank_makes_every_world_th_missing_batch(ckpt, tmp_path):
         folder = tmp_path / "s"
         folder.mkdir()
         (folder / "0000001.png").write_bytes(b"")  # batch 0 is missing image 0 only, batch 1 (images 2, 3) all
-        sampling.sample_to_folder(model, diffusion, str(folder), 9, s, "cpu", rank=1, world=2)
+        png_folders.sample_to_folder(model, diffusion, str(folder), 9, s, "cpu", rank=1, world=2)
     finally:
         dist.destroy_process_group()
     # missing batches start at 0, 2, 4, 6, 8: rank 1 makes those at 2 and 6

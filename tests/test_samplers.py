@@ -1,4 +1,4 @@
-"""samplers.py: the timestep spacings, DPM-Solver++ against float64 references written from the paper
+"""ddpm/samplers.py: the timestep spacings, DPM-Solver++ against float64 references written from the paper
 (Lu et al. 2022, arXiv:2211.01095) and against data with a known score, DDIM = DPM-Solver++ order 1, and
 dynamic thresholding. diffusers' schedulers as a second implementation: tests/test_against_diffusers.py."""
 import math
@@ -10,8 +10,7 @@ from diffusion_refs import GaussianEps, ref_linear_betas, ref_schedule
 from helpers import make_diffusion, tiny_unet
 
 from config import SampleConfig
-from diffusion import dynamic_threshold
-from samplers import (
+from ddpm.samplers import (
     SPACINGS,
     dpmpp_coefficients,
     dpmpp_orders,
@@ -20,6 +19,7 @@ from samplers import (
     sampler_timesteps,
     spaced_timesteps,
 )
+from diffusion import dynamic_threshold
 
 ABAR = ref_schedule(ref_linear_betas(1000, 1e-4, 0.02))["alphas_cumprod"]  # DDPM's schedule, float64
 
@@ -346,7 +346,7 @@ def test_guidance_and_thresholding_reach_every_sampler(sampler):
 
 def test_every_sampler_starts_from_the_same_x_T():
     """sampling.generate draws x_T first from the generator, whatever the sampler and its steps."""
-    from sampling import generate
+    from ddpm.generation import generate
     d = make_diffusion(timesteps=20)
     model = tiny_unet(seed=10)
     first = []

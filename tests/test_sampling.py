@@ -10,7 +10,7 @@ from diffusion_refs import ExactEps, FakeEps, assert_close64, ref_cosine_betas, 
 from helpers import make_diffusion, tiny_unet
 
 from config import SampleConfig
-from samplers import sample_loop, sampler_timesteps
+from ddpm.samplers import sample_loop, sampler_timesteps
 
 
 def run_sampler(d, model, x_T, sampler="ddim", steps=None, eta=0.0, seed=None, record=()):

@@ -29,24 +29,16 @@ from PIL import Image
 
 import evaluate
 import sample
-import sampling
 import train
-from captions import SHAPE_COLOURS, colour_hue_range
-from checkpoint import load_checkpoint, model_from_checkpoint
 from config import ConfigError, DataConfig, SampleConfig, load_config
-from dataset import build_dataset, load_uint8
+from dataset import build_dataset
+from ddpm import generation
+from ddpm.captions import SHAPE_COLOURS, colour_hue_range
+from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
+from ddpm.conditions import grid_captions
+from ddpm.image_cache import load_uint8
+from ddpm.text_encoders import CLS, PAD, UNK, ClipEncoder, Vocabulary, looks_like_tags, prompt_encoder, split_caption
 from model import CrossAttention, UNet
-from text import (
-    CLS,
-    PAD,
-    UNK,
-    ClipEncoder,
-    Vocabulary,
-    grid_captions,
-    looks_like_tags,
-    prompt_encoder,
-    split_caption,
-)
 from utils import UserError
 
 SIZE = 8  # the trained model's images (helpers.TINY)
@@ -130,7 +122,7 @@ def test_bad_metadata_lines_are_named(tmp_path, line, needle):
 
 
 def test_torchvision_sets_are_captioned_from_their_labels():
-    from captions import label_captions
+    from ddpm.captions import label_captions
     cifar = ["airplane", "automobile", "bird"]
     assert label_captions("cifar10", cifar, torch.tensor([2, 0, 1])) == [
         "a photo of a bird", "a photo of an airplane", "a photo of an automobile"]
@@ -370,7 +362,7 @@ def colour_hit_rate(path, guidance, n=384):
     prompts = [f"a {c} {KINDS[(i // 6) % 3]}" for i, c in enumerate(colours)]
     cond = prompt_encoder(cfg.model, ckpt["text"]).encode(prompts)
     s = SampleConfig(sampler="ddim", steps=10, guidance_scale=guidance, batch_size=n)
-    x = sampling.generate(model, diffusion, n, s, torch.Generator().manual_seed(1), "cpu", cond)
+    x = generation.generate(model, diffusion, n, s, torch.Generator().manual_seed(1), "cpu", cond)
     return float(np.mean([in_range(measured_hue(im), c) for im, c in zip(x, colours)]))
 
 

@@ -13,12 +13,12 @@ from helpers import CONFIG, ROOT, TINY, TinyExtractor, assert_one_line_error, fa
 from PIL import Image
 
 import train
-import trainer as trainer_module
-from checkpoint import load_checkpoint, save_checkpoint
 from config import load_config
 from dataset import build_dataset
+from ddpm import training_step
+from ddpm.checkpoint import load_checkpoint, save_checkpoint
+from ddpm.training_step import Trainer, ema_decay, lr_factor
 from diffusion import GaussianDiffusion
-from trainer import Trainer, ema_decay, lr_factor
 from utils import UserError
 
 
@@ -146,7 +146,7 @@ def test_failed_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
 KILLER = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from checkpoint import save_checkpoint
+from ddpm.checkpoint import save_checkpoint
 step = 0
 while True:
     step += 1
@@ -283,10 +283,10 @@ def test_resume_from_a_path_alone_uses_that_runs_name(tmp_path, monkeypatch):
 
 
 def test_dropout_masks_depend_on_rank_and_step_only(monkeypatch):
-    seeds, real_seed, real_randomness = [], torch.manual_seed, trainer_module.step_randomness
+    seeds, real_seed, real_randomness = [], torch.manual_seed, training_step.step_randomness
     monkeypatch.setattr(torch, "manual_seed", lambda s: seeds.append(s) or real_seed(s))
     # the whole batch whatever the rank, so that only the dropout seed sees the rank
-    monkeypatch.setattr(trainer_module, "step_randomness", lambda *a: real_randomness(*a[:4], 0, 1, *a[6:]))
+    monkeypatch.setattr(training_step, "step_randomness", lambda *a: real_randomness(*a[:4], 0, 1, *a[6:]))
     trainer = make_trainer("model.dropout=0.1")
     seeds.clear()
     for rank, step in ((0, 0), (0, 1), (1, 0), (0, 0)):
@@ -359,11 +359,11 @@ def test_label_dropout_rate_matches_cond_drop_prob():
     n, p = 20_000, 0.3
     cfg = load_config(CONFIG, [*TINY, f"train.batch_size={n}", f"train.cond_drop_prob={p}"])
     gen = torch.Generator()
-    _, _, drop = trainer_module.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), True)
+    _, _, drop = training_step.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), True)
     assert abs(drop.double().mean().item() - p) <= 5 * math.sqrt(p * (1 - p) / n)
-    halves = [trainer_module.step_randomness(gen, cfg, 7, (1, 2, 2), r, 2, torch.device("cpu"), True) for r in (0, 1)]
+    halves = [training_step.step_randomness(gen, cfg, 7, (1, 2, 2), r, 2, torch.device("cpu"), True) for r in (0, 1)]
     for i in range(3):
         assert torch.equal(torch.cat([halves[0][i], halves[1][i]]),
-                           trainer_module.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), True)[i])
-    _, _, none = trainer_module.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), False)
+                           training_step.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), True)[i])
+    _, _, none = training_step.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), False)
     assert none is None

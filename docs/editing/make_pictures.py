@@ -16,10 +16,10 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import sample  # noqa: E402
-from checkpoint import load_checkpoint  # noqa: E402
 from config import config_from_dict  # noqa: E402
 from dataset import build_dataset  # noqa: E402
-from utils import save_image, to_uint8  # noqa: E402
+from ddpm.checkpoint import load_checkpoint  # noqa: E402
+from ddpm.images import save_image, to_uint8  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
 
 from helpers import tiny_checkpoint  # noqa: E402
 
-from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from ddpm.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 
 STEPS = [19, 14, 9, 4]  # an explicit DDIM timestep list: the expected images do not depend on a spacing rule
 

@@ -15,9 +15,9 @@ The empty caption is the null condition of classifier-free guidance and is all z
 tokens; zero embeddings), so UNet.null_condition needs no encoder. Tokens of the learned vocabulary: a caption is
 put in Unicode NFKC form and lowercased, then split into words (runs of letters and digits) or, when the
 captions look like tag lists (`looks_like_tags`), into its comma-separated tags; <cls> comes first.
+
 """
 import collections
-import hashlib
 import os
 import re
 import unicodedata
@@ -25,14 +25,12 @@ import unicodedata
 import torch
 import torch.nn as nn
 
-from utils import UserError, first_line, read_text
+from utils import UserError, first_line
 
 PAD, CLS, UNK = 0, 1, 2
 SPECIAL = ["<pad>", "<cls>", "<unk>"]
 CLIP_BATCH = 256  # captions per CLIP forward pass
 
-
-# ---- captions into tokens (learned) ---------------------------------------------------------------------------
 
 def looks_like_tags(captions) -> bool:
     """Tag lists ('1girl, solo, long hair'): at least half of the non-empty captions contain a comma, and their
@@ -117,8 +115,6 @@ class LearnedTextEncoder(nn.Module):
         return self.norm(h)
 
 
-# ---- CLIP (transformers, optional) -----------------------------------------------------------------------------
-
 def _import_transformers():
     try:
         import transformers
@@ -173,8 +169,6 @@ class ClipEncoder:
         return {"encoder": "clip", "width": self.width}
 
 
-# ---- what the rest of the toolkit calls ---------------------------------------------------------------------------
-
 def prompt_encoder(m, state=None, captions=(), device="cpu"):
     """The caption encoder of model config `m`: the one a checkpoint's `state` describes, or for a new run a
     vocabulary of `captions` (learned) or CLIP (clip)."""
@@ -217,61 +211,3 @@ class NegativePrompt(nn.Module):
 
     def forward(self, x, t, cond=None):
         return self.model(x, t, cond)
-
-
-def grid_captions(captions, k: int = 8) -> list[str]:
-    """Up to k distinct non-empty captions, evenly spread over `captions`: the fixed rows of training grids."""
-    distinct = list(dict.fromkeys(c for c in captions if c.strip()))
-    k = min(k, len(distinct))
-    return [distinct[i * len(distinct) // k] for i in range(k)]
-
-
-# ---- prompts on the command line ---------------------------------------------------------------------------------
-
-def add_prompt_flags(p, repeatable: bool = True) -> None:
-    """sample.py's and evaluate.py's text flags, in their own group."""
-    g = p.add_argument_group("text-conditional models")
-    if repeatable:
-        g.add_argument("--prompt", action="append", help="a caption to sample (repeatable: one grid row each)")
-    g.add_argument("--prompts", help="a UTF-8 file of prompts, one per line (blank lines are skipped)")
-    g.add_argument("--negative-prompt", help="guide away from this caption instead of the empty one "
-                                             "(with --guidance-scale above 1)")
-
-
-def read_prompts(args, m, guidance_scale: float) -> list[str]:
-    """The prompts of --prompt and then --prompts, after checking that the flags suit model config `m`."""
-    prompts = list(getattr(args, "prompt", None) or [])
-    if args.prompts:
-        prompts += [line.strip() for line in read_text(args.prompts, "--prompts file").splitlines() if line.strip()]
-        if not prompts:
-            raise UserError(f"--prompts file '{args.prompts}' holds no prompts; write one per line")
-    if m.text_encoder is None:
-        if prompts or args.negative_prompt is not None:
-            raise UserError("--prompt, --prompts and --negative-prompt need a text-conditional checkpoint "
-                            "(model.text_encoder); this one has none")
-        return []
-    if args.class_label is not None:
-        raise UserError("--class-label is for class-conditional checkpoints; this one is text-conditional: "
-                        "give --prompt TEXT")
-    if args.negative_prompt is not None and (not prompts or guidance_scale == 1.0):
-        prompt = "--prompt or --prompts" if hasattr(args, "prompt") else "--prompts"  # evaluate.py has no --prompt
-        raise UserError(f"--negative-prompt acts through guidance: give {prompt} and --guidance-scale above 1 "
-                        "(e.g. 3)")
-    return prompts
-
-
-def prompt_conditions(args, m, state, model, prompts, device, say=print):
-    """(model, conditions (P, ...) of the P prompts on `device`): the model wrapped in NegativePrompt when
-    --negative-prompt is given."""
-    encoder = prompt_encoder(m, state, device=device)
-    conds = encoder.encode(prompts + ([args.negative_prompt] if args.negative_prompt is not None else []), say)
-    conds = conds.to(device)
-    if args.negative_prompt is not None:
-        model, conds = NegativePrompt(model, conds[-1:]).eval(), conds[:-1]
-    return model, conds
-
-
-def prompts_tag(prompts, negative) -> str:
-    """A short name for a set of prompts (and a negative prompt) in folder names: a hash of them."""
-    text = "\n".join(prompts) + ("\0" + negative if negative is not None else "")
-    return hashlib.sha256(text.encode()).hexdigest()[:8]

@@ -4,7 +4,7 @@ One step, in order: a batch from the data stream (dataset.Batches), the loss of 
 (GaussianDiffusion.loss), backward, the clipped optimiser step, the EMA of the weights.
 
 A text-conditional model (model.text_encoder) trains on captions: each distinct caption of the data is encoded
-once, at the start, into a table on the device (text.py), and a step indexes it by the batch's caption ids.
+once, at the start, into a table on the device (text_encoders.py), and a step indexes it by the batch's caption ids.
 
 Reproducibility: the timesteps, noise and label dropout of step k are drawn from a generator seeded by
 (seed, k) over the whole global batch, then sliced per process and micro-batch. So a resumed run, a run
@@ -18,12 +18,13 @@ import os
 
 import torch
 
-from checkpoint import load_weights, rng_state, set_rng_state
 from config import to_dict
-from dataset import Batches, preload_wanted, stream_seed
+from dataset import preload_wanted
+from ddpm.batches import Batches, stream_seed
+from ddpm.checkpoint import load_weights, rng_state, set_rng_state
+from ddpm.text_encoders import prompt_encoder
 from diffusion import GaussianDiffusion
 from model import UNet
-from text import prompt_encoder
 from utils import autocast_dtype, first_call_or_fallback
 
 

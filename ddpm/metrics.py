@@ -20,9 +20,12 @@ import os
 import numpy as np
 import torch
 
-from dataset import build_dataset, folder_signature
-from sampling import cycle, sample_batches
-from utils import UserError, atomic_write, first_line, read_json, thread_map, to_uint8, write_json
+from dataset import build_dataset
+from ddpm.conditions import repeat_to
+from ddpm.generation import sample_batches
+from ddpm.image_cache import folder_signature
+from ddpm.images import to_uint8
+from utils import UserError, atomic_write, first_line, read_json, thread_map, write_json
 
 # torch-fidelity downloads the weights under the first name, pytorch-fid under the second; the -6726825d
 # suffix is the start of the file's SHA-256 (torch.hub's convention): the two are the same file
@@ -289,7 +292,7 @@ def fid_of(model, diffusion, cfg, n, device, extractor, cache_dir=REF_CACHE) -> 
         raise UserError(f"FID needs at least 2 samples, got n={n}")
     ref = reference_stats(cfg.data, extractor, cache_dir, batch_size=cfg.sample.batch_size)
     num_classes = model.num_classes
-    labels = cycle(list(range(num_classes)), n) if num_classes else None  # conditional: every class equally
+    labels = repeat_to(list(range(num_classes)), n) if num_classes else None  # conditional: every class equally
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:

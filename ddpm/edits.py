@@ -10,13 +10,13 @@ spherical interpolation of x_T. Tensors in, tensors out: images in [-1, 1], B x 
 
 `s` is the config's sample section (config.SampleConfig), as for plain sampling: every edit runs on the sampler's
 own timesteps (samplers.sampler_timesteps). a_t is alpha-bar_t of timestep index t (diffusion.py), a = 1 at the
-data. The command line that reads and writes the pictures is edit_cli.py (`sample.py --init ...`).
+data. The command line that reads and writes the pictures is ddpm/edit_runs.py (`sample.py --init ...`).
 """
 import math
 
 import torch
 
-from samplers import dpmpp_stepper, markov_stepper, sample_loop, sampler_timesteps
+from ddpm.samplers import dpmpp_stepper, markov_stepper, sample_loop, sampler_timesteps
 
 
 def _full(x: torch.Tensor, t: int) -> torch.Tensor:

@@ -3,7 +3,7 @@
     {"format": FORMAT, "step": int, "config": nested dict (model.num_classes resolved),
      "model": state_dict, "ema": state_dict, "optimizer", "scheduler", "scaler": state_dicts,
      "rng": {...}, "data": {"epoch", "batch"}, "log": {"step": [...], "loss": [...], ...},
-     "text": the caption encoder's state of a text model (text.py: the vocabulary, or CLIP's width)}
+     "text": the caption encoder's state of a text model (ddpm/text_encoders.py: the vocabulary, or CLIP's width)}
 """
 import contextlib
 import os

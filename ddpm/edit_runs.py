@@ -1,6 +1,6 @@
 """The editing part of sample.py's command line: its flags and their checks, reading the input images and the
 mask as the training data are read, and writing the grid, the PNG folder, x_T and the settings. The computation
-is editing.py's; sample.py calls `requested`, `check_flags` and `run`.
+is edits.py's; sample.py calls `requested`, `check_flags` and `run`.
 
     python sample.py --ckpt CKPT --init photo.png --strength 0.5                # image to image (SDEdit)
     python sample.py --ckpt CKPT --init photo.png --mask hole.png                # inpainting (RePaint)
@@ -8,6 +8,7 @@ is editing.py's; sample.py calls `requested`, `check_flags` and `run`.
     python sample.py --ckpt CKPT --interpolate 8 --seed 1 --seed2 2             # between two seeds' x_T
     python sample.py --ckpt CKPT --interpolate 8 --init a.png --init2 b.png     # between two images
     python sample.py --ckpt CKPT --init photos/ --strength 0.6 --save-dir out/  # a folder: one PNG each, resumable
+
 """
 import json
 import os
@@ -16,130 +17,19 @@ import time
 import numpy as np
 import torch
 
-import editing
-from samplers import sampler_timesteps
-from sampling import autocast, batch_generator, cycle, prepare_model, sampler_record, save_png
-from utils import UserError, atomic_write, check_writable, on_interrupt, read_json, save_grid, to_uint8, write_json
+from ddpm import edits
+from ddpm.conditions import repeat_to
+from ddpm.generation import autocast, batch_generator, prepare_model, sampler_record
+from ddpm.images import IMAGE_EXTENSIONS, decode_image, list_images, open_image, save_grid, save_png, to_float, to_uint8
+from ddpm.samplers import sampler_timesteps
+from utils import UserError, atomic_write, check_writable, on_interrupt, read_json, write_json
 
 TITLES = {"img2img": "image to image", "inpaint": "inpainting", "invert": "inversion", "interpolate": "interpolation"}
-DEFAULTS = {"strength": 0.5, "jump": 10}  # and --resample: 10, or 1 with DPM-Solver++ (check_sampler)
-# flags that belong to some edits only: flag, the edits, what to say when given with another one
-ONLY = [("strength", {"img2img"}, "is for image to image: --init IMG_OR_DIR without --mask, --invert or --interpolate"),
-        ("jump", {"inpaint"}, "is RePaint's jump length, for inpainting (--init IMG --mask MASK)"),
-        ("resample", {"inpaint"}, "is RePaint's number of resamplings, for inpainting (--init IMG --mask MASK)"),
-        ("seed2", {"interpolate"}, "is for --interpolate N: the images between the x_T of --seed and --seed2"),
-        ("init2", {"interpolate"}, "is for --interpolate N: the images between --init A and --init2 B")]
-PLAIN = ("n", "process", "gif", "forward", "schedules")  # plain sampling's outputs
 
-
-def add_flags(p) -> None:
-    """sample.py's editing flags, in their own group."""
-    g = p.add_argument_group("editing (README: Editing with a trained model)")
-    g.add_argument("--init", help="the input: an image, or a folder of images (every one, sorted); alone, "
-                                  "image to image (SDEdit)")
-    g.add_argument("--strength", type=float, help="image to image: the fraction of the sampler's steps run "
-                                                  "again from the noised input, in (0, 1] (default 0.5)")
-    g.add_argument("--mask", help="inpainting (RePaint) of --init: white = regenerate, black = keep")
-    g.add_argument("--jump", type=int, help="RePaint's jump length in sampler steps (default 10)")
-    g.add_argument("--resample", type=int, help="RePaint's number of resamplings (default 10, DPM-Solver++: 1; "
-                                                "1 = replace the known part at every step)")
-    g.add_argument("--invert", action="store_true", help="DDIM inversion of --init: x_T (a .xT.pt tensor "
-                                                         "file) and its reconstruction")
-    g.add_argument("--interpolate", type=int, metavar="N", help="a row of N images between two seeds (--seed A "
-                                                                "--seed2 B) or two images (--init A --init2 B)")
-    g.add_argument("--seed2", type=int, help="--interpolate: the second seed")
-    g.add_argument("--init2", help="--interpolate: the second image")
-
-
-def requested(args) -> bool:
-    return args.invert or any(getattr(args, f) is not None for f in
-                              ("init", "init2", "mask", "interpolate", "seed2", "strength", "jump", "resample"))
-
-
-def edit_of(args) -> str | None:
-    """The edit the flags ask for (one of TITLES), or None when only a flag of some edit is given."""
-    chosen = [flag for flag, on in (("--interpolate", args.interpolate is not None), ("--invert", args.invert),
-                                    ("--mask", args.mask is not None)) if on]
-    if len(chosen) > 1:
-        raise UserError(f"{' and '.join(chosen)} are different edits; give one of them")
-    if chosen:
-        return {"--interpolate": "interpolate", "--invert": "invert", "--mask": "inpaint"}[chosen[0]]
-    return "img2img" if args.init is not None else None
-
-
-def check_flags(args, world: int) -> str:
-    """The edit asked for, after checking the flags (before the checkpoint is loaded); fills in the defaults."""
-    edit = edit_of(args)
-    for flag, edits, what in ONLY:
-        if getattr(args, flag) is not None and edit not in edits:
-            raise UserError(f"--{flag} {what}")
-    for flag in PLAIN:
-        if getattr(args, flag) is not None:
-            raise UserError(f"--{flag.replace('_', '-')} is for plain sampling; it does not go with an edit "
-                            "(--init, --interpolate)")
-    if world > 1:
-        raise UserError("editing runs in one process; run sample.py without torchrun")
-    if edit == "interpolate":
-        _check_interpolation(args)
-    elif args.init is None:
-        raise UserError(f"--{'mask' if edit == 'inpaint' else 'invert'} needs --init, the image(s) to edit")
-    for flag, default in DEFAULTS.items():
-        setattr(args, flag, default if getattr(args, flag) is None else getattr(args, flag))
-    if not 0 < args.strength <= 1:
-        raise UserError(f"--strength must be in (0, 1] (the fraction of the sampler's steps run again), "
-                        f"got {args.strength}")
-    if args.jump < 1 or (args.resample is not None and args.resample < 1):
-        raise UserError(f"--jump and --resample must be at least 1, got {args.jump} and {args.resample}")
-    if args.class_label == "all" or (edit == "interpolate" and "," in (args.class_label or "")):
-        raise UserError(f"--class-label {args.class_label} is for plain sampling; an edit takes one class K "
-                        "(or K1,K2,... cycled over the inputs of image to image, inpainting and inversion)")
-    for path in (args.init, args.init2, args.mask):
-        if path is not None and not os.path.exists(path):
-            raise UserError(f"'{path}' not found; give an image file{' or a folder' if path == args.init else ''}")
-    return edit
-
-
-def _check_interpolation(args) -> None:
-    if args.interpolate < 2:
-        raise UserError(f"--interpolate N needs N >= 2 (the two ends and N-2 images between), got {args.interpolate}")
-    if args.seed2 is not None and args.init is not None:
-        raise UserError("--interpolate takes two seeds (--seed A --seed2 B) or two images (--init A --init2 B), "
-                        "not both")
-    if args.seed2 is None and (args.init is None or args.init2 is None):
-        raise UserError("--interpolate N needs --seed2 B (between the seeds --seed and --seed2) or "
-                        "--init A --init2 B (between two images)")
-    for path in (args.init, args.init2):
-        if path is not None and os.path.isdir(path):
-            raise UserError(f"--interpolate goes between two images; '{path}' is a folder")
-
-
-def check_sampler(args, edit: str, s, n: int) -> None:
-    """What the sampler settings `s` (the checkpoint's and the flags'; n timesteps) must be for this edit;
-    fills in --resample."""
-    if args.resample is None:
-        args.resample = 1 if s.sampler == "dpmpp" else 10
-    if edit in ("invert", "interpolate"):
-        try:
-            editing.check_deterministic(s)
-        except ValueError:
-            this = f"ddim with eta {s.eta}" if s.sampler == "ddim" else s.sampler
-            raise UserError(f"--{edit} runs the deterministic ODE: use --sampler ddim with --eta 0, or --sampler "
-                            f"dpmpp (this is {this})") from None
-    if edit == "inpaint" and args.resample > 1:
-        if s.sampler == "dpmpp":
-            raise UserError("DPM-Solver++'s multistep history does not survive RePaint's jumps back: use "
-                            "--resample 1 (replace the known part at every step) or --sampler ddim or ddpm")
-        if args.jump >= n:
-            raise UserError(f"--jump {args.jump} leaves no room to resample in {n} sampler steps; use a "
-                            f"--jump below {n}, more --steps, or --resample 1")
-
-
-# ---- inputs ----------------------------------------------------------------------------------------------------
 
 def input_files(path: str) -> tuple[list[str], list[str]]:
     """(the input images, the names of their outputs): a file and its name, or every image in a folder, sorted,
     named by its path in the folder; the output of 'sub/a.jpg' is 'sub/a.png'."""
-    from dataset import IMAGE_EXTENSIONS, list_images
     if not os.path.isdir(path):
         return [path], [os.path.splitext(os.path.basename(path))[0] + ".png"]
     files = list_images(path)
@@ -153,13 +43,12 @@ def input_files(path: str) -> tuple[list[str], list[str]]:
 
 
 def read_images(paths: list[str], channels: int, size: int) -> torch.Tensor:
-    """The images in [-1, 1] as the training data are read (dataset._decode: resized and centre-cropped to
+    """The images in [-1, 1] as the training data are read (dataset.decode_image: resized and centre-cropped to
     size x size, converted to `channels`)."""
-    from dataset import _decode, to_float
     images = []
     for path in paths:
         try:
-            images.append(_decode(path, size, channels))
+            images.append(decode_image(path, size, channels))
         except Exception as e:  # PIL fails in many ways (OSError, SyntaxError, DecompressionBombError...)
             raise UserError(f"cannot read the image '{path}' ({type(e).__name__}: {e})") from None
     return to_float(torch.stack(images))
@@ -170,15 +59,12 @@ def read_mask(path: str, size: int) -> torch.Tensor:
     as the images are, with nearest neighbour, then binarised at half grey (white = regenerate)."""
     from PIL import Image, ImageOps
 
-    from dataset import open_image
     try:
         img = ImageOps.fit(open_image(path, 1), (size, size), Image.Resampling.NEAREST)
     except Exception as e:
         raise UserError(f"cannot read the mask '{path}' ({type(e).__name__}: {e})") from None
     return torch.from_numpy(np.asarray(img) < 128)[None, None]
 
-
-# ---- outputs ---------------------------------------------------------------------------------------------------
 
 def settings_of(args, edit: str, cfg, diffusion) -> dict:
     """What shaped the results, for the printout and the JSON file beside them."""
@@ -190,8 +76,8 @@ def settings_of(args, edit: str, cfg, diffusion) -> dict:
         out.update(prompt=args.prompt, prompts=args.prompts, negative_prompt=args.negative_prompt)
     if edit == "img2img":
         n = len(sampler_timesteps(diffusion, s))
-        out.update(strength=args.strength, steps_run=editing.strength_steps(n, args.strength),
-                   start_timestep=editing.strength_start(diffusion, s, args.strength))
+        out.update(strength=args.strength, steps_run=edits.strength_steps(n, args.strength),
+                   start_timestep=edits.strength_start(diffusion, s, args.strength))
     elif edit == "inpaint":
         out.update(mask=args.mask, jump=args.jump, resample=args.resample)
     elif edit == "interpolate":
@@ -223,23 +109,21 @@ def save_tensor(x: torch.Tensor, path: str) -> None:
     atomic_write(path, lambda f: torch.save(x.detach().float().cpu().clone(), f))
 
 
-# ---- the edits -------------------------------------------------------------------------------------------------
-
 def denoiser(model, diffusion, s, labels, start: int, size: int, device):
     """denoise(x_t, t) for the images start..start+size-1 of an edit: the labels cycled over all of them (None:
     the null label), guidance and thresholding as the sampler settings say."""
-    cond = None if labels is None else cycle(labels, start + size)[start:].to(device)
+    cond = None if labels is None else repeat_to(labels, start + size)[start:].to(device)
     return diffusion.denoiser(model, cond, s.guidance_scale, s.dynamic_threshold)
 
 
 def edit_batch(args, edit, diffusion, denoise, x0, keep, s, generator) -> dict:
     """{'result': the edited images, and for inversion 'x_T'}, for one batch of inputs x0."""
     if edit == "img2img":
-        return {"result": editing.img2img(diffusion, denoise, x0, s, args.strength, generator)}
+        return {"result": edits.img2img(diffusion, denoise, x0, s, args.strength, generator)}
     if edit == "inpaint":
-        return {"result": editing.repaint(diffusion, denoise, x0, keep, s, generator, args.jump, args.resample)}
-    x_T = editing.ddim_invert(diffusion, denoise, x0, s)
-    return {"result": editing.decode(diffusion, denoise, x_T, s), "x_T": x_T}
+        return {"result": edits.repaint(diffusion, denoise, x0, keep, s, generator, args.jump, args.resample)}
+    x_T = edits.ddim_invert(diffusion, denoise, x0, s)
+    return {"result": edits.decode(diffusion, denoise, x_T, s), "x_T": x_T}
 
 
 def grid_row(edit, x0, keep, out) -> torch.Tensor:
@@ -311,15 +195,15 @@ def interpolation(args, s, model, diffusion, labels, device):
     else:
         inputs = list(read_images([args.init, args.init2], model.image_channels, model.image_size).to(device))
         with autocast(s, device):
-            x_T = editing.ddim_invert(diffusion, denoiser(model, diffusion, s, labels, 0, 2, device),
+            x_T = edits.ddim_invert(diffusion, denoiser(model, diffusion, s, labels, 0, 2, device),
                                       torch.stack(inputs), s)
         ends, inputs = [x_T[:1], x_T[1:]], [x[None] for x in inputs]
-    path = editing.slerp_path(*ends, args.interpolate)
+    path = edits.slerp_path(*ends, args.interpolate)
     results = []
     for start in range(0, len(path), s.batch_size):
         chunk = path[start:start + s.batch_size]
         with autocast(s, device):
-            results.append(editing.decode(diffusion, denoiser(model, diffusion, s, labels, 0, len(chunk), device),
+            results.append(edits.decode(diffusion, denoiser(model, diffusion, s, labels, 0, len(chunk), device),
                                           chunk, s))
     results = torch.cat(results)
     new = [i for i in range(len(results)) if args.save_dir and not os.path.isfile(numbered(args.save_dir, i))]
@@ -336,7 +220,6 @@ def numbered(folder: str, i: int) -> str:
 def run(args, edit: str, cfg, model, diffusion, labels, device) -> None:
     """The edit `edit` (check_flags') of the loaded checkpoint: the results, the grid, the settings."""
     s = cfg.sample
-    check_sampler(args, edit, s, len(sampler_timesteps(diffusion, s)))
     settings = settings_of(args, edit, cfg, diffusion)
     out = args.out or (None if args.save_dir else os.path.join("results", cfg.name, f"{edit}.png"))
     if out:

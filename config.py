@@ -56,6 +56,9 @@ class ModelConfig:
     text_max_tokens: int = 32       # tokens per caption, the start token included; longer captions are cut
     text_width: int = 256           # learned: width of the text transformer (heads of 64, one head below 64)
     text_layers: int = 2            # learned: its number of layers
+    # a pruned network (compress.py prune): the channels of each layer in the order of nominal_widths; null: the
+    # nominal widths base_channels x channel_mults
+    widths: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -268,9 +271,27 @@ def validate(cfg: Config) -> Config:
     _check(df.beta_start <= df.beta_end,
            f"need diffusion.beta_start <= diffusion.beta_end, got {df.beta_start}, {df.beta_end}")
     check_batch_split(t)
+    _validate_widths(m)
     _validate_text(m)
     _validate_sample(cfg.sample, df.timesteps, m.num_classes is not None or m.text_encoder is not None)
     return cfg
+
+
+def nominal_widths(m: ModelConfig) -> list[int]:
+    """The widths model.widths replaces, in the U-Net's order (model.py): conv_in; per block of the encoder, the
+    middle and the decoder, its hidden and its output channels; per down- and upsampling, its output channels."""
+    levels = [m.base_channels * mult for mult in m.channel_mults]
+    down = [w for i, ch in enumerate(levels) for w in [ch, ch] * m.num_res_blocks + [ch] * (i < len(levels) - 1)]
+    up = [w for i, ch in reversed(list(enumerate(levels))) for w in [ch, ch] * (m.num_res_blocks + 1) + [ch] * (i > 0)]
+    return [levels[0], *down, *[levels[-1]] * 4, *up]
+
+
+def _validate_widths(m: ModelConfig) -> None:
+    if m.widths is None:
+        return
+    n = len(nominal_widths(m))
+    _check(len(m.widths) == n and min(m.widths) >= 1,
+           f"model.widths must be null or {n} positive channel counts (config.nominal_widths), got {list(m.widths)}")
 
 
 def _validate_text(m: ModelConfig) -> None:

@@ -169,9 +169,15 @@ def from_pytorch_diffusion(args) -> None:
 def to_diffusers(args) -> None:
     check_target(args.out, args.force)
     ckpt = load_checkpoint(args.ckpt)
+    if "quantization" in ckpt:
+        raise UserError(f"'{args.ckpt}' is quantized (compress.py); convert the float checkpoint it came from")
+    cfg = config_from_dict(ckpt["config"])
+    try:
+        weight_formats.check_widths(cfg.model)
+    except UserError as e:
+        raise UserError(f"diffusers cannot express '{args.ckpt}': {e}") from None
     require_diffusers()
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-    cfg = config_from_dict(ckpt["config"])
     model = UNet.from_config(cfg)
     load_weights(model, ckpt["model" if args.no_ema else "ema"], "the checkpoint's weights")
     try:

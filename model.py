@@ -15,6 +15,7 @@ caption embedding added to the timestep embedding. Both enter through zero-initi
 the unconditional one.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -40,11 +41,21 @@ def timestep_embedding(t: torch.Tensor, dim: int, kind: str) -> torch.Tensor:
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)
 
 
-def group_norm(channels: int, eps: float) -> nn.GroupNorm:
+def norm_groups(channels: int) -> int:
     # 32 groups as in the paper; fewer when a small model has fewer channels than that, keeping at least
     # 4 channels per group: with one channel per group the norm would subtract (erase) the per-channel
     # time/label embedding that ResBlock adds just before its second norm
-    return nn.GroupNorm(math.gcd(channels, max(1, min(32, channels // 4))), channels, eps=eps)
+    return math.gcd(channels, max(1, min(32, channels // 4)))
+
+
+def group_norm(channels: int, eps: float, nominal: int | None = None) -> nn.GroupNorm:
+    """GroupNorm over `channels`, with the groups of the `nominal` width: a pruned network (model.widths) keeps
+    the groups of the dense one, each with fewer channels (ddpm/pruning.py)."""
+    groups = norm_groups(nominal or channels)
+    if channels % groups:
+        raise ValueError(f"{channels} channels cannot be split into the {groups} GroupNorm groups of the "
+                         f"{nominal} nominal ones; model.widths must keep multiples of the groups")
+    return nn.GroupNorm(groups, channels, eps=eps)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -54,18 +65,28 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
-class ResBlock(nn.Module):
-    """GN-SiLU-conv, add the projected time embedding, GN-SiLU-dropout-conv, plus a (1x1) skip."""
+class Widths(NamedTuple):
+    """The channels of a block of a pruned network (model.widths): its input, its hidden layer, its output."""
+    in_ch: int
+    hidden: int
+    out_ch: int
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, eps: float):
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, add the projected time embedding, GN-SiLU-dropout-conv, plus a (1x1) skip.
+    in_ch and out_ch are the nominal widths; `widths` those of a pruned block (which keeps the nominal structure)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, eps: float,
+                 widths: Widths | None = None):
         super().__init__()
-        self.norm1 = group_norm(in_ch, eps)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, out_ch)
-        self.norm2 = group_norm(out_ch, eps)
+        w = widths or Widths(in_ch, out_ch, out_ch)
+        self.norm1 = group_norm(w.in_ch, eps, in_ch)
+        self.conv1 = nn.Conv2d(w.in_ch, w.hidden, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, w.hidden)
+        self.norm2 = group_norm(w.hidden, eps, out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.conv2 = zero_init(nn.Conv2d(w.hidden, w.out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(w.in_ch, w.out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -75,44 +96,47 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the H*W positions of a feature map, with a residual connection."""
+    """Multi-head self-attention over the H*W positions of a feature map, with a residual connection.
+    Queries, keys and values have the `nominal` width also in a pruned network (model.widths)."""
 
-    def __init__(self, channels: int, num_heads: int, eps: float):
+    def __init__(self, channels: int, num_heads: int, eps: float, nominal: int | None = None):
         super().__init__()
-        if channels % num_heads:
-            raise ValueError(f"model.num_heads={num_heads} must divide the {channels} channels at attention")
+        inner = nominal or channels
+        if inner % num_heads:
+            raise ValueError(f"model.num_heads={num_heads} must divide the {inner} channels at attention")
         self.num_heads = num_heads
-        self.norm = group_norm(channels, eps)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+        self.norm = group_norm(channels, eps, inner)
+        self.qkv = nn.Conv2d(channels, 3 * inner, 1)
+        self.proj = zero_init(nn.Conv2d(inner, channels, 1))
 
     def forward(self, x):
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).unbind(1)
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, -1, h * w).unbind(1)
         # (B, heads, head_dim, HW) -> (B, heads, HW, head_dim), the layout SDPA (flash attention) expects
         out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, -1, h, w))
 
 
 class CrossAttention(nn.Module):
     """Multi-head attention from the H*W positions of a feature map (queries) to the L token embeddings of a
     caption (keys and values), with a residual connection: x + proj(softmax(q k^T / sqrt(d)) v)."""
 
-    def __init__(self, channels: int, context_dim: int, num_heads: int, eps: float):
+    def __init__(self, channels: int, context_dim: int, num_heads: int, eps: float, nominal: int | None = None):
         super().__init__()
+        inner = nominal or channels  # as in Attention
         self.num_heads = num_heads
-        self.norm = group_norm(channels, eps)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.kv = nn.Linear(context_dim, 2 * channels)
-        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+        self.norm = group_norm(channels, eps, inner)
+        self.q = nn.Conv2d(channels, inner, 1)
+        self.kv = nn.Linear(context_dim, 2 * inner)
+        self.proj = zero_init(nn.Conv2d(inner, channels, 1))
 
     def forward(self, x, context):
         b, c, h, w = x.shape
-        q = self.q(self.norm(x)).reshape(b, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2)
+        q = self.q(self.norm(x)).reshape(b, self.num_heads, -1, h * w).transpose(-1, -2)
         # (B, L, 2C) -> keys and values of (B, heads, L, head_dim)
-        k, v = self.kv(context).reshape(b, -1, 2, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        k, v = self.kv(context).reshape(b, context.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, -1, h, w))
 
 
 class Block(nn.Module):
@@ -120,11 +144,13 @@ class Block(nn.Module):
     cross-attention to the caption)."""
 
     def __init__(self, in_ch, out_ch, emb_dim, dropout, attention: bool, num_heads: int, eps: float,
-                 context_dim: int | None = None):
+                 context_dim: int | None = None, widths: Widths | None = None):
         super().__init__()
-        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout, eps)
-        self.attn = Attention(out_ch, num_heads, eps) if attention else None
-        self.cross = CrossAttention(out_ch, context_dim, num_heads, eps) if attention and context_dim else None
+        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout, eps, widths)
+        self.out_channels = widths.out_ch if widths else out_ch
+        self.attn = Attention(self.out_channels, num_heads, eps, out_ch) if attention else None
+        self.cross = (CrossAttention(self.out_channels, context_dim, num_heads, eps, out_ch)
+                      if attention and context_dim else None)
 
     def forward(self, x, emb, context=None):
         x = self.res(x, emb)
@@ -137,19 +163,19 @@ class Downsample(nn.Module):
     """A 3x3 convolution with stride 2. Padding 'same' is TensorFlow's 'SAME' on an even size, as in the paper's
     code: one row and column of zeros at the bottom and right only; 'symmetric' pads one on every side."""
 
-    def __init__(self, ch, padding: str):
+    def __init__(self, ch, padding: str, out_ch: int | None = None):
         super().__init__()
         self.pad = (0, 1, 0, 1) if padding == "same" else None
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if self.pad else 1)
+        self.conv = nn.Conv2d(ch, out_ch or ch, 3, stride=2, padding=0 if self.pad else 1)
 
     def forward(self, x, emb=None, context=None):
         return self.conv(F.pad(x, self.pad) if self.pad else x)
 
 
 class Upsample(nn.Module):
-    def __init__(self, ch):
+    def __init__(self, ch, out_ch: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = nn.Conv2d(ch, out_ch or ch, 3, padding=1)
 
     def forward(self, x, emb=None):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -172,35 +198,50 @@ class UNet(nn.Module):
         # labels 0..num_classes-1 and one extra 'null' label (index num_classes) for classifier-free guidance
         self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
         context_dim = self._text_layers(cfg, emb_dim, vocab_size, text_width)
-        self.conv_in = nn.Conv2d(image_channels, ch, 3, padding=1)
+        # a pruned network's widths, layer by layer (config.nominal_widths tells the order); `ch` stays nominal
+        # and `act` is the actual width, the same unless pruned
+        recorded = iter(cfg.widths) if cfg.widths is not None else None
 
-        def block(in_ch, out_ch, attention):
-            return Block(in_ch, out_ch, emb_dim, cfg.dropout, attention, cfg.num_heads, cfg.norm_eps, context_dim)
+        def width(nominal: int) -> int:
+            return nominal if recorded is None else next(recorded)
 
-        self.down, skip_channels, res = nn.ModuleList(), [ch], image_size
+        self.conv_in = nn.Conv2d(image_channels, width(ch), 3, padding=1)
+        act = self.conv_in.out_channels
+
+        def block(in_ch, out_ch, attention, act_in):
+            widths = Widths(act_in, width(out_ch), width(out_ch))
+            return Block(in_ch, out_ch, emb_dim, cfg.dropout, attention, cfg.num_heads, cfg.norm_eps, context_dim,
+                         widths)
+
+        self.down, skip_channels, res = nn.ModuleList(), [(ch, act)], image_size
         for level, mult in enumerate(mults):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(block(ch, base * mult, res in attn_res))
-                ch = base * mult
-                skip_channels.append(ch)
+                self.down.append(block(ch, base * mult, res in attn_res, act))
+                ch, act = base * mult, self.down[-1].out_channels
+                skip_channels.append((ch, act))
             if level != len(mults) - 1:
-                self.down.append(Downsample(ch, cfg.downsample_padding))
-                skip_channels.append(ch)
+                self.down.append(Downsample(act, cfg.downsample_padding, width(ch)))
+                act = self.down[-1].conv.out_channels
+                skip_channels.append((ch, act))
                 res //= 2
 
-        self.mid = nn.ModuleList([block(ch, ch, True), block(ch, ch, False)])
+        self.mid = nn.ModuleList([block(ch, ch, True, act)])
+        self.mid.append(block(ch, ch, False, self.mid[0].out_channels))
+        act = self.mid[1].out_channels
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(mults))):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(block(ch + skip_channels.pop(), base * mult, res in attn_res))
-                ch = base * mult
+                skip, act_skip = skip_channels.pop()
+                self.up.append(block(ch + skip, base * mult, res in attn_res, act + act_skip))
+                ch, act = base * mult, self.up[-1].out_channels
             if level != 0:
-                self.up.append(Upsample(ch))
+                self.up.append(Upsample(act, width(ch)))
+                act = self.up[-1].conv.out_channels
                 res *= 2
 
-        self.norm_out = group_norm(ch, cfg.norm_eps)
-        self.conv_out = zero_init(nn.Conv2d(ch, image_channels, 3, padding=1))
+        self.norm_out = group_norm(act, cfg.norm_eps, ch)
+        self.conv_out = zero_init(nn.Conv2d(act, image_channels, 3, padding=1))
 
     def _text_layers(self, cfg, emb_dim, vocab_size, text_width) -> int | None:
         """The learned text encoder and the projection of the pooled caption embedding of a text model; returns
@@ -238,7 +279,7 @@ class UNet(nn.Module):
     def forward(self, x, t, cond=None):
         """Predict from x_t (B x C x H x W) at integer steps t (B,). cond: (B,) labels, or a text model's
         encoded captions (ddpm/text_encoders.py); None for the null condition."""
-        emb = self.time_mlp(timestep_embedding(t, self.conv_in.out_channels, self.time_embedding))
+        emb = self.time_mlp(timestep_embedding(t, self.time_mlp[0].in_features, self.time_embedding))
         context = None
         if self.label_emb is not None:
             if cond is None:

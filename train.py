@@ -185,6 +185,9 @@ def load_run(args):
     path = args.resume if given else (last if args.resume == "auto" and os.path.exists(last) else None)
     if ckpt is None and path:
         ckpt = load_checkpoint(path)
+    if ckpt is not None and "quantization" in ckpt:
+        raise UserError(f"{path} is quantized (compress.py quantize), for sampling only; fine-tune the float "
+                        "checkpoint it came from")
     if ckpt is not None and own_config:
         cfg = config_from_dict(ckpt["config"], args.overrides)
     return cfg, name, ckpt_dir, out_dir, path, ckpt

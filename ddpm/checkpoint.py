@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from config import config_from_dict
+from ddpm import quantization
 from diffusion import GaussianDiffusion
 from model import UNet
 from utils import UserError, atomic_write, first_line, writing
@@ -136,8 +137,13 @@ def to_plain(section) -> dict:
 def model_from_checkpoint(ckpt: dict, device, use_ema: bool = True, overrides=()):
     """(cfg, model, diffusion) of a loaded checkpoint, on `device` in eval mode, EMA weights by default.
 
-    `overrides` ('sample.steps=50', ...) change the checkpoint's config for this use only."""
+    `overrides` ('sample.steps=50', ...) change the checkpoint's config for this use only.
+    A quantized checkpoint (compress.py) gives its dequantized weights with its activations fake-quantized."""
     cfg = config_from_dict(ckpt["config"], overrides)
     model = UNet.from_config(cfg, ckpt.get("text"))
-    load_weights(model, ckpt["ema" if use_ema else "model"], "the checkpoint's weights")
+    state = ckpt["ema" if use_ema else "model"]
+    quant = ckpt.get("quantization")
+    load_weights(model, quantization.dequantize_state(state, quant) if quant else state, "the checkpoint's weights")
+    if quant:
+        quantization.apply_quantization(model, quant)
     return cfg, model.to(device).eval(), GaussianDiffusion(cfg.diffusion).to(device)

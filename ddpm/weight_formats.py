@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from config import DiffusionConfig
+from config import DiffusionConfig, nominal_widths
 from diffusion import cosine_beta_schedule, linear_beta_schedule
 from model import Attention, Block, Downsample
 from utils import UserError
@@ -188,9 +188,17 @@ def _one(values: set, field: str, why: str):
     return next(iter(values))
 
 
+def check_widths(m) -> None:
+    """A pruned U-Net (model.widths, compress.py) is not a UNet2DModel, unless its widths are the nominal ones."""
+    if m.widths is not None and list(m.widths) != nominal_widths(m):
+        raise UserError("model.widths: this pruned U-Net has its own width in every layer (and attention wider than "
+                        "its input), but UNet2DModel has one width per level")
+
+
 def unet_config(cfg, model, flip_sin_to_cos: bool = False) -> dict:
     """The UNet2DModel config of our U-Net `model` of Config `cfg` (every field, so no default is relied on)."""
     m, size = cfg.model, cfg.data.image_size
+    check_widths(m)
     if m.channel_mults[0] != 1:
         raise UserError(f"block_out_channels: diffusers' first level has the width of the embedding input; our "
                         f"model.channel_mults must start with 1 for that, not {list(m.channel_mults)}")

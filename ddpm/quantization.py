@@ -178,7 +178,8 @@ def int8_inductor(model: nn.Module, calibration: list[tuple]) -> nn.Module:
 def calibration_inputs(model, diffusion, sample_cfg, n: int, device) -> list[tuple]:
     """(x_t, t) of every network call while the float model samples n images: the inputs int8_inductor observes."""
     calls = []
-    handle = model.register_forward_pre_hook(lambda module, args: calls.append((args[0].clone(), args[1].clone())))
+    handle = model.register_forward_pre_hook(  # (x_t, t, and the condition where there is one)
+        lambda module, args: calls.append(tuple(a.clone() for a in args if a is not None)))
     try:
         with torch.no_grad():
             generate(model, diffusion, n, sample_cfg, batch_generator(sample_cfg.seed, 0, n, device), device)

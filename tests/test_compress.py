@@ -331,8 +331,9 @@ def test_quantized_outputs_are_as_close_to_fp32_as_the_rounding_noise_model_says
     x, t = trajectory["x_t"][0], torch.full((4,), middle)
     rms = float(((quantized(x, t) - model(x, t)) ** 2).mean().sqrt())
     predicted = noise_model_rms(model, ranges, x, t, bits)
-    # the noise model predicts the RMS error; rounding is not exactly independent noise, so allow 3x either way
-    assert predicted / 3 < rms < 3 * predicted, (rms, predicted)
+    # the noise model predicts the RMS error (measured here: 1.06x the prediction at W8A8, 0.96x at W4A8); rounding
+    # is not exactly independent noise, so the margin is 2x either way
+    assert predicted / 2 < rms < 2 * predicted, (rms, predicted)
     assert rms < 0.1 * float(model(x, t).pow(2).mean().sqrt()) * (1 if bits == 8 else 10)
 
 

@@ -89,7 +89,7 @@ def data_batches(cfg, args) -> list[tuple]:
 def prune(args) -> None:
     ckpt = load_float(args.ckpt)
     cfg, model, diffusion = model_from_checkpoint(ckpt, "cpu")
-    keep = pruning.keep_fraction(model, args.ratio)
+    keep, unit = pruning.keep_fraction(model, args.ratio), pruning.norm_unit(model)
     before = model.num_params()
     dense = UNet.from_config(cfg, ckpt.get("text"))
     batches = data_batches(cfg, args)
@@ -108,7 +108,7 @@ def prune(args) -> None:
     text = {"text": ckpt["text"]} if "text" in ckpt else {}
     save_checkpoint({"step": 0, "config": to_dict(new_cfg), "model": state, "ema": state, "pruning": record,
                      **text}, args.out)
-    print(f"wrote {args.out}: kept {keep} of the channels (ratio {args.ratio} in steps of 1/{keep.denominator}), "
+    print(f"wrote {args.out}: kept {keep} of the channels (ratio {args.ratio} in steps of 1/{unit}), "
           f"{before / 1e6:.3f}M -> {rebuilt.num_params() / 1e6:.3f}M parameters; Taylor scores over "
           f"t = 0..{len(losses) - 1} on {record['images']} images; fine-tune it with train.py --resume {args.out}")
 

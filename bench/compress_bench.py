@@ -8,8 +8,10 @@ W8A8 and W4A8 (fake-quantized, in float): parameters, multiply-accumulates per i
 call of the network), the size of the weights file (weights only, one copy, as compress.py writes them), DDIM-25
 images/s at batch 64 (eager fp32; with --compile also the dense network under torch.compile and torchao's real
 int8 kernels, ddpm.quantization.int8_inductor), the RMS pixel distance (in [-1, 1]) to the dense model's samples
-from the same x_T, and KID (ddpm/metrics.py, the standard Inception) of --kid-n samples against as many images of
-the data. Writes bench/results/compress-<date>.json and .md with the command, the machine and the load average.
+from the same x_T, and KID (ddpm/metrics.py's Inception) of --kid-n samples against as many images of the data
+(subsets of half of them, 100 times: mean and spread). The machine may be shared: every model is timed --rounds
+times, round-robin, and the best time is kept. Writes bench/results/compress-<date>.json and .md with the command,
+the machine and the load average.
 """
 import contextlib
 import dataclasses
@@ -46,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default=os.path.join(ROOT, "checkpoints", "quickstart", "last.pt"))
     p.add_argument("--kid-n", type=int, default=256, help="samples per model for KID (a multiple of 64)")
     p.add_argument("--finetune-steps", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=2, help="timed DDIM batches per model, round-robin; the best is kept")
+    p.add_argument("--rounds", type=int, default=3, help="timed DDIM batches per model, round-robin; the best is kept")
     p.add_argument("--prune-flags", default="--batches 1 --max-timesteps 20",
                    help="compress.py prune's flags for the Taylor scores")
     p.add_argument("--compile", action="store_true", help="also torch.compile fp32 and torchao int8 (slow to build)")
@@ -117,9 +119,10 @@ def sample_batch(net, built, start: int) -> torch.Tensor:
 def timed_rounds(nets: dict, rounds: int) -> tuple[dict, dict]:
     """Images/s of each network on the first batch, timed `rounds` times round-robin (the machine is shared: the
     best of the rounds is kept, and every model is timed in the same stretch); and that batch's images."""
-    best, first = {name: float("inf") for name in nets}, {}
-    for _ in range(rounds):
-        for name, (net, built) in nets.items():
+    best, first, names = {name: float("inf") for name in nets}, {}, list(nets)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # each round starts with another model
+            net, built = nets[name]
             begin = time.perf_counter()
             first[name] = sample_batch(net, built, 0)
             best[name] = min(best[name], time.perf_counter() - begin)
@@ -129,7 +132,8 @@ def timed_rounds(nets: dict, rounds: int) -> tuple[dict, dict]:
 def kid(extractor, images, ref_features) -> tuple[float, float]:
     batches = [to_uint8(images[i:i + BATCH]) for i in range(0, len(images), BATCH)]
     features, _ = metrics.extract_features(extractor, batches, len(images), desc="samples")
-    return metrics.kernel_inception_distance(features, ref_features, num_subsets=100, subset_size=len(images))
+    # subsets of half the samples, so that the spread over subsets shows how uncertain a KID of so few samples is
+    return metrics.kernel_inception_distance(features, ref_features, num_subsets=100, subset_size=len(images) // 2)
 
 
 def load_variant(path):

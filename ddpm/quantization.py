@@ -159,6 +159,8 @@ def int8_reference(model: nn.Module, calibration: list[tuple]) -> nn.Module:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     except ImportError:
         raise UserError(f"int8 kernels need torchao: {INSTALL}") from None
+    # the samplers run in inference mode; export traces with autograd, so it takes plain copies
+    calibration = [tuple(a.clone() for a in inputs) for inputs in calibration]
     exported = torch.export.export(model.eval(), calibration[0]).module()
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())

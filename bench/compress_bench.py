@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="also torch.compile fp32 and torchao int8 (slow to build)")
     p.add_argument("--date", default=datetime.date.today().isoformat())
     p.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
+    p.add_argument("--work-dir", help="keep the pruned, fine-tuned and quantized checkpoints here (and reuse them)")
     args = p.parse_args(argv)
     if args.kid_n < BATCH or args.kid_n % BATCH:
         p.error(f"--kid-n must be a positive multiple of {BATCH}")
@@ -76,19 +77,22 @@ def make_variants(args, tmp) -> dict:
     for ratio in (0.3, 0.5):
         name = f"pruned{int(ratio * 100)}"
         paths[name] = os.path.join(tmp, f"{name}.pt")
-        start = time.perf_counter()
-        compress.main(["prune", "--ckpt", args.ckpt, "--ratio", str(ratio), "--out", paths[name],
-                       *args.prune_flags.split()])
-        timings[f"prune {name} s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        with cwd(tmp):
-            train.main(["--resume", paths[name], "--name", f"{name}-ft", f"train.max_steps={args.finetune_steps}",
-                        f"train.save_every={args.finetune_steps}", f"train.sample_every={10 ** 9}"])
-        timings[f"fine-tune {name} s"] = time.perf_counter() - start
         paths[f"{name}+ft"] = os.path.join(tmp, "checkpoints", f"{name}-ft", "last.pt")
+        start = time.perf_counter()
+        if not os.path.exists(paths[name]):
+            compress.main(["prune", "--ckpt", args.ckpt, "--ratio", str(ratio), "--out", paths[name],
+                           *args.prune_flags.split()])
+            timings[f"prune {name} s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        if not os.path.exists(paths[f"{name}+ft"]):
+            with cwd(tmp):
+                train.main(["--resume", paths[name], "--name", f"{name}-ft", f"train.max_steps={args.finetune_steps}",
+                            f"train.save_every={args.finetune_steps}", f"train.sample_every={10 ** 9}"])
+            timings[f"fine-tune {name} s"] = time.perf_counter() - start
     for bits in (8, 4):
         paths[f"W{bits}A8"] = os.path.join(tmp, f"w{bits}a8.pt")
-        compress.main(["quantize", "--ckpt", args.ckpt, "--bits", str(bits), "--out", paths[f"W{bits}A8"]])
+        if not os.path.exists(paths[f"W{bits}A8"]):
+            compress.main(["quantize", "--ckpt", args.ckpt, "--bits", str(bits), "--out", paths[f"W{bits}A8"]])
     return paths, timings
 
 
@@ -182,7 +186,8 @@ def compiled_nets(dense_built) -> tuple[dict, dict]:
         except Exception as e:  # report it, and measure the rest
             info[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             continue
-        nets[name], info[name] = (net, dense_built), time.perf_counter() - begin
+        # the exported int8 graph takes (x_t, t) only; the samplers pass the condition too
+        nets[name], info[name] = (lambda x, t, cond=None, net=net: net(x, t), dense_built), time.perf_counter() - begin
     return nets, info
 
 
@@ -232,7 +237,9 @@ def main(argv=None):
     started = os.getloadavg()[0]
     torch.manual_seed(0)
     extractor = metrics.load_inception(None, "cpu")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.work_dir or scratch
+        os.makedirs(tmp, exist_ok=True)
         ckpt = load_checkpoint(args.ckpt)
         data = build_dataset(model_from_checkpoint(ckpt, "cpu")[0].data)
         picks = torch.randperm(len(data))[:args.kid_n].tolist()

@@ -24,7 +24,7 @@ from ddpm import weight_formats
 from ddpm.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from ddpm.cli import ArgumentParser, cli
 from model import UNet
-from utils import UserError, read_json
+from utils import UserError, first_line, read_json
 
 INSTALL = "pip install -r requirements-convert.txt"
 # the fields that the converted weights fix; the others can be set on the command line
@@ -76,8 +76,7 @@ def read_weights(path: str) -> dict:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # each reader fails in its own way on a truncated or foreign file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot read the weights file '{path}' ({first[:200]}); it is damaged or truncated: "
+        raise UserError(f"cannot read the weights file '{path}' ({first_line(e)}); it is damaged or truncated: "
                         "download it again") from None
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
         raise UserError(f"'{path}' holds no state dict of tensors")

@@ -45,7 +45,7 @@ from ddpm.images import image_format, make_grid, save_grid, to_pil, to_uint8
 from ddpm.png_folders import existing_images, sample_to_folder
 from ddpm.samplers import sampler_timesteps
 from diffusion import GaussianDiffusion
-from utils import UserError, atomic_write, check_writable, read_text, writing
+from utils import UserError, atomic_write, check_writable, read_text, replace_via
 
 # ---- pictures of the process ----------------------------------------------------------------------------
 
@@ -205,10 +205,15 @@ def check_prompt_files(folder: str, image_prompts, write: bool) -> None:
             raise UserError(f"--save-dir '{folder}' holds images made without prompts ({i:07d}.png has no .txt); "
                             "give another folder")
         elif write:
-            with writing(path):
-                with open(path + ".tmp", "w", encoding="utf-8") as f:
-                    f.write(prompt + "\n")
-                os.replace(path + ".tmp", path)
+            save_prompt(prompt, path)
+
+
+def save_prompt(prompt: str, path: str) -> None:
+    """The prompt as a line of UTF-8 text, written under a temporary name and renamed (as save_png writes)."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(prompt + "\n")
+    replace_via(path, path + ".tmp", write)
 
 
 def check_outputs(args, cfg):

@@ -16,7 +16,7 @@ import torch
 from config import config_from_dict
 from diffusion import GaussianDiffusion
 from model import UNet
-from utils import UserError, atomic_write, first_line, writing
+from utils import UserError, atomic_write, first_line, replace_via
 
 FORMAT = "ddpm-checkpoint-v1"
 
@@ -36,23 +36,20 @@ def save_run_checkpoint(state: dict, ckpt_dir: str, step: int, keep_last: int) -
     last = os.path.join(ckpt_dir, "last.pt")
     save_checkpoint(state, last)
     step_file = os.path.join(ckpt_dir, f"step_{step:07d}.pt")
-    tmp = step_file + ".tmp"
-    with writing(step_file):
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-            try:
-                os.link(last, tmp)
-            except OSError:  # a file system without hard links
-                shutil.copyfile(last, tmp)
-            os.replace(tmp, step_file)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+    replace_via(step_file, step_file + ".tmp", lambda tmp: link_or_copy(last, tmp))
     steps = sorted(f for f in os.listdir(ckpt_dir) if f.startswith("step_") and f.endswith(".pt"))
     for old in steps[:max(0, len(steps) - keep_last)]:
         os.remove(os.path.join(ckpt_dir, old))
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """dst as a hard link of src (a copy on a file system without hard links), over a stale dst."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(dst)
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(src, dst)
 
 
 def rng_state(device) -> dict:

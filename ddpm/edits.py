@@ -17,10 +17,7 @@ import math
 import torch
 
 from ddpm.samplers import dpmpp_stepper, markov_stepper, sample_loop, sampler_timesteps
-
-
-def _full(x: torch.Tensor, t: int) -> torch.Tensor:
-    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+from diffusion import per_image, timestep_batch
 
 
 def _noise(x: torch.Tensor, generator) -> torch.Tensor:
@@ -63,7 +60,7 @@ def img2img(diffusion, denoise, x0, s, strength: float, generator=None) -> torch
     t0 = strength_start(diffusion, s, strength)
     if t0 is None:
         return x0
-    x = eps if t0 == sampler_timesteps(diffusion, s)[0] else diffusion.q_sample(x0, _full(x0, t0), eps)
+    x = eps if t0 == sampler_timesteps(diffusion, s)[0] else diffusion.q_sample(x0, timestep_batch(x0, t0), eps)
     return sample_loop(diffusion, denoise, x, s, generator, start=t0).clamp(-1, 1)
 
 
@@ -118,7 +115,7 @@ def repaint(diffusion, denoise, x0, keep, s, generator=None, jump: int = 10, res
         i = n - 1 - r  # r's position in `timesteps`
         noise = _noise(x0, generator)
         if r_next < r:
-            known = diffusion.q_sample(x0, _full(x0, timesteps[i]), noise)
+            known = diffusion.q_sample(x0, timestep_batch(x0, timesteps[i]), noise)
             x, _ = step(torch.where(keep, known, x), i)
         else:
             x = forward_jump(diffusion, x, timesteps[i], timesteps[i - 1], noise)
@@ -139,7 +136,7 @@ def ddim_invert(diffusion, denoise, x0, s) -> torch.Tensor:
     ascending = sampler_timesteps(diffusion, s)[::-1]
     x = x0
     for i, t in enumerate(ascending):
-        eps, x0_hat = denoise(x, _full(x, ascending[max(i - 1, 0)]))
+        eps, x0_hat = denoise(x, timestep_batch(x, ascending[max(i - 1, 0)]))
         a = float(diffusion.alphas_cumprod64[t])
         x = math.sqrt(a) * (x if i == 0 else x0_hat) + math.sqrt(1 - a) * eps
     return x
@@ -164,8 +161,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
     sin = torch.where(straight, 1.0, theta.sin())
     ca = torch.where(straight, 1.0 - w, ((1.0 - w) * theta).sin() / sin)
     cb = torch.where(straight, w, (w * theta).sin() / sin)
-    shape = (-1,) + (1,) * (a.ndim - 1)
-    return ca.to(a.dtype).reshape(shape) * a + cb.to(a.dtype).reshape(shape) * b
+    return per_image(ca.to(a.dtype), a.ndim) * a + per_image(cb.to(a.dtype), a.ndim) * b
 
 
 def slerp_path(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:

@@ -16,6 +16,8 @@ notation: alpha_t = sqrt(alpha-bar_t), sigma_t = sqrt(1 - alpha-bar_t), lambda_t
 import numpy as np
 import torch
 
+from diffusion import timestep_batch
+
 SPACINGS = ("linspace", "trailing", "logsnr")
 
 
@@ -129,21 +131,17 @@ def dpmpp_coefficients(alphas_cumprod64, timesteps: list[int], order: int) -> li
 
 # ---- the loop ------------------------------------------------------------------------------------------------
 
-def _full(x, t: int) -> torch.Tensor:
-    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-
-
 def markov_stepper(diffusion, denoise, timesteps, s, generator):
     """step(x, i) -> (x at the next timestep, x_0 predicted at timesteps[i]) for DDPM and DDIM; each step draws
     its noise z from `generator` (the next index of the last step is -1, the data)."""
     following = timesteps[1:] + [-1]
 
     def step(x, i):
-        t = _full(x, timesteps[i])
+        t = timestep_batch(x, timesteps[i])
         z = torch.randn(x.shape, generator=generator, device=x.device)
         if s.sampler == "ddpm":
             return diffusion.p_sample(denoise, x, t, z)
-        return diffusion.ddim_step(denoise, x, t, _full(x, following[i]), z, s.eta)
+        return diffusion.ddim_step(denoise, x, t, timestep_batch(x, following[i]), z, s.eta)
     return step
 
 
@@ -154,7 +152,7 @@ def dpmpp_stepper(diffusion, denoise, timesteps, order: int):
     history = []  # x_0 predicted at timesteps[i], timesteps[i-1], ...
 
     def step(x, i):
-        _, x0 = denoise(x, _full(x, timesteps[i]))
+        _, x0 = denoise(x, timestep_batch(x, timesteps[i]))
         history.insert(0, x0)
         del history[order:]
         a, b = coefs[i]

@@ -23,7 +23,7 @@ from dataset import preload_wanted
 from ddpm.batches import Batches, stream_seed
 from ddpm.checkpoint import load_weights, rng_state, set_rng_state
 from ddpm.text_encoders import prompt_encoder
-from diffusion import GaussianDiffusion
+from diffusion import GaussianDiffusion, per_image
 from model import UNet
 from utils import autocast_dtype, first_call_or_fallback
 
@@ -171,7 +171,7 @@ class Trainer:
         cond = y if self.captions is None else self.captions[y]
         if drop is None:
             return cond
-        return torch.where(drop.view(-1, *[1] * (cond.ndim - 1)), self.model.null_condition(cond), cond)
+        return torch.where(per_image(drop, cond.ndim), self.model.null_condition(cond), cond)
 
     def _optimiser_step(self):
         """Clip the global gradient norm, step (skipped on the device when non-finite), advance the LR."""

@@ -284,13 +284,15 @@ def _validate_text(m: ModelConfig) -> None:
            f"model.text_width must be below 64 or a multiple of 64 (attention heads of 64), got {m.text_width}")
 
 
-def _validate_sample(s: SampleConfig, timesteps: int, conditional: bool) -> None:
-    _check(s.steps <= timesteps, f"sample.steps must be between 1 and diffusion.timesteps={timesteps}, got {s.steps}")
-    _check(s.sampler != "dpmpp" or s.eta == 0,
-           f"sample.eta={s.eta} (--eta) is for DDIM; DPM-Solver++ (sample.sampler=dpmpp) is deterministic, "
+def _validate_sample(sample_cfg: SampleConfig, timesteps: int, conditional: bool) -> None:
+    _check(sample_cfg.steps <= timesteps,
+           f"sample.steps must be between 1 and diffusion.timesteps={timesteps}, got {sample_cfg.steps}")
+    _check(sample_cfg.sampler != "dpmpp" or sample_cfg.eta == 0,
+           f"sample.eta={sample_cfg.eta} (--eta) is for DDIM; DPM-Solver++ (sample.sampler=dpmpp) is deterministic, "
            "so leave eta at 0")
-    _check(conditional or s.guidance_scale == 1.0,
-           f"sample.guidance_scale={s.guidance_scale} (--guidance-scale) needs a class-conditional or text-conditional "
+    _check(conditional or sample_cfg.guidance_scale == 1.0,
+           f"sample.guidance_scale={sample_cfg.guidance_scale} (--guidance-scale) needs a class-conditional or "
+           "text-conditional "
            "model; this one has model.num_classes and model.text_encoder null (trained without labels or captions)")
 
 

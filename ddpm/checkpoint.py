@@ -6,6 +6,7 @@
      "text": the caption encoder's state of a text model (ddpm/text_encoders.py: the vocabulary, or CLIP's width)}
 """
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
@@ -128,6 +129,27 @@ def check_same_architecture(ckpt: dict, cfg, path: str) -> None:
 def to_plain(section) -> dict:
     d = section if isinstance(section, dict) else vars(section)
     return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in d.items()}
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """A checkpoint read for use: its config (with the overrides of this use), the network (in eval mode, on
+    `device`), its diffusion, the training step it was saved at, a text model's caption encoder state (None
+    otherwise) and the file it came from."""
+    cfg: object
+    model: torch.nn.Module
+    diffusion: GaussianDiffusion
+    step: int
+    text_state: dict | None
+    path: str
+    device: torch.device
+
+
+def load_for_use(path: str, device, use_ema: bool = True, overrides=()) -> LoadedCheckpoint:
+    """The checkpoint at `path` ready to sample from (see model_from_checkpoint for use_ema and overrides)."""
+    ckpt = load_checkpoint(path)
+    cfg, model, diffusion = model_from_checkpoint(ckpt, device, use_ema, overrides)
+    return LoadedCheckpoint(cfg, model, diffusion, ckpt["step"], ckpt.get("text"), path, torch.device(device))
 
 
 def model_from_checkpoint(ckpt: dict, device, use_ema: bool = True, overrides=()):

@@ -17,6 +17,7 @@ from config import load_config
 from dataset import build_dataset
 from ddpm import training_step
 from ddpm.checkpoint import load_checkpoint, save_checkpoint
+from ddpm.distributed import Process
 from ddpm.training_step import Trainer, ema_decay, lr_factor
 from diffusion import GaussianDiffusion
 from utils import UserError
@@ -172,7 +173,7 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_last_pt(tmp_path):
 
 def make_trainer(*overrides):
     cfg = load_config(CONFIG, [*TINY, *overrides])
-    return Trainer(cfg, torch.device("cpu"), 0, 1, build_dataset(cfg.data), print)
+    return Trainer(cfg, Process(), build_dataset(cfg.data), print)
 
 
 def test_gradient_accumulation_matches_one_big_step():
@@ -198,7 +199,7 @@ def test_compile_failure_falls_back_to_eager_on_the_same_batch(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: Broken(module))
     messages = []
     cfg = load_config(CONFIG, [*TINY, "train.compile=true"])
-    compiled = Trainer(cfg, torch.device("cpu"), 0, 1, build_dataset(cfg.data), messages.append)
+    compiled = Trainer(cfg, Process(), build_dataset(cfg.data), messages.append)
     plain = make_trainer()
     for step in range(3):
         loss, _ = compiled.train_step_with_compile_fallback() if step == 0 else compiled.train_step()
@@ -286,7 +287,7 @@ def test_dropout_masks_depend_on_rank_and_step_only(monkeypatch):
     seeds, real_seed, real_randomness = [], torch.manual_seed, training_step.step_randomness
     monkeypatch.setattr(torch, "manual_seed", lambda s: seeds.append(s) or real_seed(s))
     # the whole batch whatever the rank, so that only the dropout seed sees the rank
-    monkeypatch.setattr(training_step, "step_randomness", lambda *a: real_randomness(*a[:4], 0, 1, *a[6:]))
+    monkeypatch.setattr(training_step, "step_randomness", lambda *a: real_randomness(*a[:3], 0, 1, *a[5:]))
     trainer = make_trainer("model.dropout=0.1")
     seeds.clear()
     for rank, step in ((0, 0), (0, 1), (1, 0), (0, 0)):
@@ -359,11 +360,11 @@ def test_label_dropout_rate_matches_cond_drop_prob():
     n, p = 20_000, 0.3
     cfg = load_config(CONFIG, [*TINY, f"train.batch_size={n}", f"train.cond_drop_prob={p}"])
     gen = torch.Generator()
-    _, _, drop = training_step.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), True)
+    _, _, drop = training_step.step_randomness(gen, cfg, 7, 0, 1, True)
     assert abs(drop.double().mean().item() - p) <= 5 * math.sqrt(p * (1 - p) / n)
-    halves = [training_step.step_randomness(gen, cfg, 7, (1, 2, 2), r, 2, torch.device("cpu"), True) for r in (0, 1)]
+    halves = [training_step.step_randomness(gen, cfg, 7, r, 2, True) for r in (0, 1)]
     for i in range(3):
         assert torch.equal(torch.cat([halves[0][i], halves[1][i]]),
-                           training_step.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), True)[i])
-    _, _, none = training_step.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), False)
+                           training_step.step_randomness(gen, cfg, 7, 0, 1, True)[i])
+    _, _, none = training_step.step_randomness(gen, cfg, 7, 0, 1, False)
     assert none is None

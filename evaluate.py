@@ -16,7 +16,7 @@ processes share the sampling, and rank 0 scores once they are all done.
 
 Features come from the Inception-v3 of the TF FID code with its standard weights, through torch-fidelity
 (pip install -r requirements-eval.txt). The weights are read from the torch hub cache or --inception-weights;
-they are never downloaded here (see metrics.inception_weights for where they go).
+they are never downloaded here (see ddpm/metrics.inception_weights for where they go).
 """
 import dataclasses
 import datetime

@@ -167,7 +167,8 @@ class UNet(nn.Module):
 
     def __init__(self, cfg, image_channels: int, image_size: int, vocab_size: int | None = None,
                  text_width: int | None = None):
-        """vocab_size: the learned text encoder's (text.text_dims); text_width: that of CLIP's embeddings."""
+        """vocab_size: the learned text encoder's (ddpm/text_encoders.text_dims); text_width: that of CLIP's
+        embeddings."""
         super().__init__()
         if cfg.num_classes == "auto":
             raise ValueError("resolve model.num_classes='auto' from the data set before building the model")
@@ -229,11 +230,11 @@ class UNet(nn.Module):
             return None
         if cfg.text_encoder == "learned":
             if vocab_size is None:
-                raise ValueError("a learned text encoder needs its vocabulary size (text.text_dims)")
+                raise ValueError("a learned text encoder needs its vocabulary size (ddpm/text_encoders.text_dims)")
             self.text_encoder = LearnedTextEncoder(vocab_size, cfg.text_width, cfg.text_layers, cfg.text_max_tokens)
             text_width, self.text_shape = cfg.text_width, (cfg.text_max_tokens,)
         elif text_width is None:
-            raise ValueError("a CLIP-conditioned model needs CLIP's width (text.text_dims)")
+            raise ValueError("a CLIP-conditioned model needs CLIP's width (ddpm/text_encoders.text_dims)")
         else:
             self.text_shape = (1 + cfg.text_max_tokens, text_width)
         self.text_proj = zero_init(nn.Linear(text_width, emb_dim))

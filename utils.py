@@ -1,5 +1,5 @@
 """Small helpers shared by the scripts: one-line errors and interrupts, devices, safe file writes and folder
-locks, image grids."""
+locks, JSON and text files."""
 import contextlib
 import json
 import os

@@ -1,6 +1,6 @@
-"""The editing part of sample.py's command line: its flags and their checks, reading the input images and the
-mask as the training data are read, and writing the grid, the PNG folder, x_T and the settings. The computation
-is edits.py's; sample.py calls `requested`, `check_flags` and `run`.
+"""Running an edit of sample.py over its inputs: reading the input images and the mask as the training data are
+read, and writing the grid, the PNG folder, x_T and the settings. The computation is edits.py's, the flags and their
+checks edit_flags.py's; sample.py calls edit_flags' `requested` and `check_flags`, then `run`.
 
     python sample.py --ckpt CKPT --init photo.png --strength 0.5                # image to image (SDEdit)
     python sample.py --ckpt CKPT --init photo.png --mask hole.png                # inpainting (RePaint)
@@ -44,7 +44,7 @@ def input_files(path: str) -> tuple[list[str], list[str]]:
 
 
 def read_images(paths: list[str], channels: int, size: int) -> torch.Tensor:
-    """The images in [-1, 1] as the training data are read (dataset.decode_image: resized and centre-cropped to
+    """The images in [-1, 1] as the training data are read (images.decode_image: resized and centre-cropped to
     size x size, converted to `channels`)."""
     images = []
     for path in paths:

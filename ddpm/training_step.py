@@ -1,6 +1,6 @@
 """One training step of a DDPM and the state it carries (Trainer), used by train.py.
 
-One step, in order: a batch from the data stream (dataset.Batches), the loss of the network on it
+One step, in order: a batch from the data stream (ddpm/batches.Batches), the loss of the network on it
 (GaussianDiffusion.loss), backward, the clipped optimiser step, the EMA of the weights.
 
 A text-conditional model (model.text_encoder) trains on captions: each distinct caption of the data is encoded
@@ -61,10 +61,10 @@ def step_randomness(gen, cfg, step: int, rank: int, world: int, conditional: boo
 class Trainer:
     """The model, its EMA, the optimiser and the data stream of a run, and one optimisation step.
 
+    process: this process of the run (ddpm/distributed.Process: its rank, the number of processes, its device);
     text_state: a text model's caption encoder from its checkpoint (None: a new vocabulary of the data's captions)."""
 
     def __init__(self, cfg, process, dataset, log=print, text_state=None):
-        """process: this process of the run (ddpm/distributed.py: its rank, the number of processes, its device)."""
         device, rank, world = process.device, process.rank, process.world
         self.cfg, self.device, self.rank, self.world, self.log = cfg, device, rank, world, log
         tc = cfg.train

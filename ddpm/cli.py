@@ -128,14 +128,14 @@ def add_prompt_flags(p, repeatable: bool = True) -> None:
                                              "(with --guidance-scale above 1)")
 
 
-def read_prompts(args, m, guidance_scale: float) -> list[str]:
-    """The prompts of --prompt and then --prompts, after checking that the flags suit model config `m`."""
+def read_prompts(args, model_cfg, guidance_scale: float) -> list[str]:
+    """The prompts of --prompt and then --prompts, after checking that the flags suit the model config `model_cfg`."""
     prompts = list(getattr(args, "prompt", None) or [])
     if args.prompts:
         prompts += [line.strip() for line in read_text(args.prompts, "--prompts file").splitlines() if line.strip()]
         if not prompts:
             raise UserError(f"--prompts file '{args.prompts}' holds no prompts; write one per line")
-    if m.text_encoder is None:
+    if model_cfg.text_encoder is None:
         if prompts or args.negative_prompt is not None:
             raise UserError("--prompt, --prompts and --negative-prompt need a text-conditional checkpoint "
                             "(model.text_encoder); this one has none")

@@ -119,13 +119,11 @@ def batch_conditions(labels, start: int, size: int, device):
 
 @dataclasses.dataclass
 class Edit:
-    """The edit asked for: its kind (one of TITLES) and the settings of sample.py's editing flags that shape it;
-    keep: inpainting's mask (bool, 1 x 1 x H x W, True where the input is kept), None for the other edits."""
+    """The edit asked for: its kind (one of TITLES), image to image's strength, and for inpainting the mask and
+    RePaint's settings (None for the other edits)."""
     kind: str
     strength: float
-    jump: int
-    resample: int
-    keep: torch.Tensor | None = None
+    inpainting: edits.Inpainting | None = None
 
 
 def edit_batch(edit: Edit, sampling, denoise, x0, generator) -> dict:
@@ -134,8 +132,7 @@ def edit_batch(edit: Edit, sampling, denoise, x0, generator) -> dict:
     if edit.kind == "img2img":
         return {"result": edits.img2img(diffusion, denoise, x0, sample_cfg, edit.strength, generator)}
     if edit.kind == "inpaint":
-        return {"result": edits.repaint(diffusion, denoise, x0, edit.keep, sample_cfg, generator,
-                                        edits.Resampling(edit.jump, edit.resample))}
+        return {"result": edits.repaint(diffusion, denoise, x0, edit.inpainting, sample_cfg, generator)}
     x_T = edits.ddim_invert(diffusion, denoise, x0, sample_cfg)
     return {"result": edits.decode(diffusion, denoise, x_T, sample_cfg), "x_T": x_T}
 
@@ -160,7 +157,8 @@ def edit_inputs(args, kind: str, sampling, labels, grid: bool):
     files, names = input_files(args.init)
     model, device, sample_cfg = sampling.model, sampling.device, sampling.sample_cfg
     keep = read_mask(args.mask, model.image_size).to(device) if kind == "inpaint" else None
-    edit = Edit(kind, args.strength, args.jump, args.resample, keep)
+    inpainting = edits.Inpainting(keep, args.jump, args.resample) if keep is not None else None
+    edit = Edit(kind, args.strength, inpainting)
     folder, b = args.save_dir, sample_cfg.batch_size
     todo = {i for i, name in enumerate(names) if folder and missing(folder, name, edit)}
     starts = range(0, len(files), b) if grid else sorted({i - i % b for i in todo})

@@ -3,7 +3,7 @@ spherical interpolation of x_T. Tensors in, tensors out: images in [-1, 1], B x 
 
     denoise = diffusion.denoiser(model, cond, sample_cfg.guidance_scale, sample_cfg.dynamic_threshold)
     x = img2img(diffusion, denoise, x0, sample_cfg, strength=0.5, generator=g)
-    x = repaint(diffusion, denoise, x0, keep, sample_cfg, g, Resampling(jump=10, resample=10))
+    x = repaint(diffusion, denoise, x0, Inpainting(keep, jump=10, resample=10), sample_cfg, g)
     x_T = ddim_invert(diffusion, denoise, x0, sample_cfg)
     x = decode(diffusion, denoise, x_T, sample_cfg)  # the image again, up to the inversion's error
     x = decode(diffusion, denoise, slerp_path(x_a, x_b, 8), sample_cfg)  # 8 images from x_a's to x_b's
@@ -96,17 +96,19 @@ def forward_jump(diffusion, x_from: torch.Tensor, t_from: int, t: int, noise: to
 
 
 @dataclasses.dataclass(frozen=True)
-class Resampling:
-    """RePaint's jumps back (see repaint_schedule): their length in sampler steps, and how many times each
-    stretch of `jump` steps is run."""
+class Inpainting:
+    """What RePaint keeps and how it resamples: the mask `keep` (bool, broadcastable to the images, True where the
+    input is kept), the length of its jumps back in sampler steps, and how many times each stretch of `jump` steps is
+    run (see repaint_schedule)."""
+    keep: torch.Tensor
     jump: int = 10
     resample: int = 10
 
 
 @torch.inference_mode()
-def repaint(diffusion, denoise, x0, keep, sample_cfg, generator=None, resampling=Resampling()) -> torch.Tensor:
+def repaint(diffusion, denoise, x0, inpainting: Inpainting, sample_cfg, generator=None) -> torch.Tensor:
     """Inpainting by RePaint (Lugmayr et al. 2022, Algorithm 1 with the jumps of sec. 4.2) on the sampler's
-    timesteps t_0 > ... > t_{N-1}: regenerate x0 where `keep` (bool, broadcastable to x0) is False.
+    timesteps t_0 > ... > t_{N-1}: regenerate x0 where `inpainting.keep` is False.
 
     From x_T, the first draw from `generator`, each step from t sets the known part to a fresh draw of
     q(x_t | x_0) = N(sqrt(a_t) x0, (1 - a_t) I), then takes the sampler's step (DDPM, DDIM or DPM-Solver++)
@@ -116,13 +118,13 @@ def repaint(diffusion, denoise, x0, keep, sample_cfg, generator=None, resampling
     timesteps = sampler_timesteps(diffusion, sample_cfg)
     n = len(timesteps)
     if sample_cfg.sampler == "dpmpp":
-        if resampling.resample != 1:
+        if inpainting.resample != 1:
             raise ValueError("DPM-Solver++ inpaints with resample=1 only (its history does not survive a jump back)")
         step = dpmpp_stepper(diffusion, denoise, timesteps, sample_cfg.order)
     else:
         step = markov_stepper(diffusion, denoise, timesteps, sample_cfg, generator)
     x = _noise(x0, generator)
-    schedule = repaint_schedule(n, resampling.jump, resampling.resample)
+    keep, schedule = inpainting.keep, repaint_schedule(n, inpainting.jump, inpainting.resample)
     for r, r_next in zip(schedule, schedule[1:]):
         i = n - 1 - r  # r's position in `timesteps`
         noise = _noise(x0, generator)

@@ -217,8 +217,8 @@ def test_repaint_feeds_the_network_the_known_part_from_q_and_jumps_back_up():
     keep = torch.zeros_like(x0, dtype=torch.bool)
     keep[..., :16] = True
     record = Recorder(diffusion)
-    edits.repaint(diffusion, record, x0, keep, s, torch.Generator().manual_seed(0),
-                  edits.Resampling(jump=2, resample=3))
+    edits.repaint(diffusion, record, x0, edits.Inpainting(keep, jump=2, resample=3), s,
+                  torch.Generator().manual_seed(0))
     timesteps, a = spaced_timesteps(diffusion.alphas_cumprod64, 10, "linspace"), diffusion.alphas_cumprod64
     schedule = edits.repaint_schedule(10, 2, 3)
     m = keep.sum().item()

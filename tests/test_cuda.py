@@ -26,7 +26,7 @@ FAST = ["train.compile=auto", "train.precision=auto", "train.deterministic=false
 
 def make_trainer(*overrides, log=print):
     cfg = load_config(CONFIG, [*TINY, *overrides])
-    return Trainer(cfg, Process(0, 1, torch.device(CUDA)), build_dataset(cfg.data), log)
+    return Trainer(cfg, Process(0, 1, CUDA), build_dataset(cfg.data), log)
 
 
 def test_gpu_resident_batches_equal_the_cpu_ones():

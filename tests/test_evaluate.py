@@ -77,16 +77,35 @@ def test_feature_stats_in_chunks_equal_numpy():
     assert np.allclose(sigma, np.cov(f.astype(np.float64), rowvar=False), atol=1e-12)
 
 
+def unbiased_mmd2(x, y) -> float:
+    """The unbiased MMD^2 of two samples of m rows each, summed pair by pair in float64, with the polynomial
+    kernel k(a, b) = (a.b / d + 1)^3 (d the features' dimension)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    m, d = x.shape
+
+    def k(a, b):
+        return (a @ b / d + 1) ** 3
+    return (sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+            - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2)
+
+
 def test_polynomial_mmd_equals_the_sum_over_pairs():
     rng = np.random.default_rng(4)
     x, y = rng.normal(size=(6, 3)), rng.normal(size=(6, 3)) + 1
-
-    def k(a, b):
-        return (a @ b / 3 + 1) ** 3
-    m = 6
-    expected = (sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-                - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2)
+    expected = unbiased_mmd2(x, y)
     assert metrics.polynomial_mmd(x, y) == pytest.approx(expected, rel=1e-12)
+
+
+def test_kid_of_one_subset_of_the_whole_set_is_the_unbiased_mmd():
+    """One subset as large as both sets is each set once in some order (drawn without replacement), and the MMD
+    does not depend on the order: KID is the unbiased MMD^2 of the sets (float32 features, as the Inception's)."""
+    rng = np.random.default_rng(7)
+    f1 = rng.normal(size=(40, 8)).astype(np.float32)
+    f2 = (rng.normal(size=(40, 8)) * 1.2 + 0.3).astype(np.float32)
+    expected = unbiased_mmd2(f1, f2)
+    for subset_size in (40, 1000):  # capped at the sets' size
+        mean, std = metrics.kernel_inception_distance(f1, f2, num_subsets=1, subset_size=subset_size, seed=3)
+        assert mean == pytest.approx(expected, rel=1e-12, abs=1e-14) and std == 0.0
 
 
 def test_kid_near_zero_for_one_distribution_and_clearly_positive_for_two():

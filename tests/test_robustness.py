@@ -17,15 +17,16 @@ from helpers import (
     assert_one_line_error,
     fails_in_process,
     run_script,
-    tiny_checkpoint,
+    sample_fails,
 )
 from PIL import Image
 
+import evaluate
 import sample
 import train
 from ddpm.distributed import torchrun_env
 from ddpm.run_log import smooth
-from utils import UserError
+from utils import UserError, read_json
 
 TRAIN = [os.path.join(ROOT, "train.py"), "--config", CONFIG, "--name", "t", *TINY]
 
@@ -189,7 +190,6 @@ def test_an_interrupted_data_set_build_ends_in_one_line(tmp_path, many_images, s
 
 @pytest.mark.parametrize("side", ["samples", "reference"])
 def test_evaluate_with_fewer_than_two_images_is_one_line(tmp_path, capsys, side):
-    import evaluate
     one, many = tmp_path / "one", tmp_path / "many"
     for folder, n in ((one, 1), (many, 4)):
         folder.mkdir()
@@ -205,13 +205,7 @@ def test_evaluate_with_fewer_than_two_images_is_one_line(tmp_path, capsys, side)
 
 # ---- sample.py and evaluate.py: outputs, folders in use, interrupts, overrides -------------------------------
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "last.pt")
-
-
 def test_an_output_is_written_in_the_format_its_name_says_or_refused(ckpt, tmp_path, capsys):
-    import sample
     sample.main(["--ckpt", ckpt, "--n", "2", "--out", str(tmp_path / "grid.jpg"), "--device", "cpu"])
     with Image.open(tmp_path / "grid.jpg") as img:
         assert img.format == "JPEG"
@@ -233,7 +227,7 @@ def test_a_second_sampler_on_a_folder_being_filled_is_refused(ckpt, tmp_path, ca
         deadline = time.time() + 120
         while not (tmp_path / "s" / "0000000.png").exists() and time.time() < deadline:
             time.sleep(0.05)
-        err = fails_in_process(capsys, sample.main, *argv[1:], "--n", "2")
+        err = sample_fails(capsys, *argv[1:], "--n", "2")
         assert all(k in err for k in (str(tmp_path / "s"), "in use", str(first.pid))), err
         first.send_signal(signal.SIGINT)  # Ctrl-C: what is there, and how to go on, in one line
         _, err = first.communicate(timeout=120)
@@ -262,7 +256,6 @@ def test_sampling_into_a_folder_says_what_an_interrupt_left(ckpt, tmp_path):
 
 
 def test_evaluate_takes_overrides_anywhere(ckpt, tmp_path, monkeypatch):
-    import evaluate
     monkeypatch.chdir(tmp_path)
     record = evaluate.main(["sample.seed=3", "--ckpt", ckpt, "--n", "2", "--steps", "2", "sample.eta=0.5",
                             "--device", "cpu"], extractor=TinyExtractor())
@@ -283,7 +276,6 @@ def test_a_full_disk_while_sampling_is_one_line_and_leaves_no_temporary_file(ckp
     (b"[\xff]", "metrics file '{p}' is not UTF-8 text"),
 ])
 def test_a_bad_json_file_is_one_line(tmp_path, content, needle):
-    from utils import read_json
     path = tmp_path / "metrics.json"
     path.write_bytes(content)
     with pytest.raises(UserError) as e:

@@ -33,7 +33,7 @@ import train
 from config import ConfigError, DataConfig, SampleConfig, load_config
 from dataset import build_dataset
 from ddpm import generation
-from ddpm.captions import SHAPE_COLOURS, colour_hue_range
+from ddpm.captions import SHAPE_COLOURS, colour_hue_range, label_captions
 from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
 from ddpm.conditions import grid_captions
 from ddpm.image_cache import load_uint8
@@ -122,7 +122,6 @@ def test_bad_metadata_lines_are_named(tmp_path, line, needle):
 
 
 def test_torchvision_sets_are_captioned_from_their_labels():
-    from ddpm.captions import label_captions
     cifar = ["airplane", "automobile", "bird"]
     assert label_captions("cifar10", cifar, torch.tensor([2, 0, 1])) == [
         "a photo of a bird", "a photo of an airplane", "a photo of an automobile"]

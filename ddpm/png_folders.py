@@ -4,7 +4,8 @@
 
 A folder that was interrupted and filled again ends with exactly the files of one uninterrupted run (with the
 same batch size): image i depends only on (seed, i, batch size). Under torchrun the batches of a folder are
-split over the processes, which changes nothing in the files either.
+split over the processes, which changes the images by at most one level of 255 (on the CPU another thread count
+per process can round a float the other way).
 """
 import contextlib
 import os

@@ -45,7 +45,8 @@ def test_short_run_writes_every_output(tmp_path, monkeypatch):
     assert Image.open(out / "plots" / "loss.png").size[0] > 100
     for step in (3, 6):
         grid = Image.open(out / "samples" / f"step_{step:07d}.png")
-        assert grid.size == (2 + 2 * (8 + 2), 2 + 2 * (8 + 2))  # 4 samples of 8x8: a 2x2 grid, 2px padding
+        # 4 samples of 8x8: a 2x2 grid, each enlarged 8x to a 64-pixel tile, 2px padding
+        assert grid.size == (2 + 2 * (64 + 2), 2 + 2 * (64 + 2))
     assert load_config(str(out / "config.yaml")).model.base_channels == 16
 
 

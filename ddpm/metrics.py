@@ -25,6 +25,7 @@ from ddpm.conditions import repeat_to
 from ddpm.generation import sample_batches
 from ddpm.image_cache import folder_signature
 from ddpm.images import to_uint8
+from ddpm.progress import progress
 from utils import UserError, atomic_write, first_line, read_json, thread_map, write_json
 
 # torch-fidelity downloads the weights under the first name, pytorch-fid under the second; the -6726825d
@@ -212,9 +213,8 @@ def image_batches(ds, batch_size: int, n: int | None = None):
 
 def extract_features(extractor, batches, n: int, desc: str = "features"):
     """Run the extractor over uint8 batches: (features float32 n x D, logits n x K or None)."""
-    from tqdm import tqdm
     features, logits = [], []
-    with tqdm(total=n, unit="img", desc=desc) as bar:
+    with progress(n, desc, "img") as bar:
         for x in batches:
             f, z = extractor(to_rgb(x))
             features.append(np.asarray(f, dtype=np.float32))

@@ -50,6 +50,26 @@ def test_short_run_writes_every_output(tmp_path, monkeypatch):
     assert load_config(str(out / "config.yaml")).model.base_channels == 16
 
 
+def test_a_log_file_gets_a_bounded_number_of_bytes_per_step(tmp_path, monkeypatch, capsys):
+    """Into a file or a pipe (here pytest's capture: not a terminal), a run of 25 steps of at least 0.1 s each,
+    where a progress bar would redraw at every step (tqdm redraws every 0.1 s, about 90 bytes each), writes plain
+    progress lines on stderr instead: at most one every 10 s and one at the end, so at most 10 bytes a step here
+    (lines of about 110 bytes, the run under 20 s)."""
+    step = Trainer.train_step
+
+    def slow_step(self):
+        time.sleep(0.1)
+        return step(self)
+    monkeypatch.setattr(Trainer, "train_step", slow_step)
+    started = time.monotonic()
+    run_train(tmp_path, monkeypatch, "train.max_steps=25", "train.log_every=5", "train.save_every=100")
+    elapsed, err = time.monotonic() - started, capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) <= 1 + elapsed // 10 and all(line.startswith("train: ") for line in lines), err
+    assert lines[-1].startswith("train: 25/25 step (100%)") and "loss=" in lines[-1], err
+    assert len(err.encode()) / 25 <= 10 or elapsed > 20, (elapsed, err)
+
+
 def test_keep_last_prunes_old_step_checkpoints(tmp_path, monkeypatch):
     ckpt_dir, _ = run_train(tmp_path, monkeypatch, "train.max_steps=8", "train.save_every=2", "train.keep_last=2")
     assert sorted(os.listdir(ckpt_dir)) == [".lock", "last.pt", "step_0000006.pt", "step_0000008.pt"]

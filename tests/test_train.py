@@ -9,7 +9,16 @@ import time
 
 import pytest
 import torch
-from helpers import CONFIG, ROOT, TINY, TinyExtractor, assert_one_line_error, fails_in_process, run_script
+from helpers import (
+    CONFIG,
+    ROOT,
+    TINY,
+    RunsCode,
+    TinyExtractor,
+    assert_one_line_error,
+    fails_in_process,
+    run_script,
+)
 from PIL import Image
 
 import train
@@ -360,6 +369,19 @@ def test_unknown_checkpoint_file(tmp_path):
                        str(tmp_path / "junk.pt")], tmp_path)
     assert_one_line_error(proc, "junk.pt")
 
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_as_such(tmp_path):
+    """weights_only refuses a pickle that calls os.system before anything runs; the error says that loading it could
+    run code (a damaged file is still called damaged)."""
+    torch.save({"format": "ddpm-checkpoint-v1", "x": RunsCode(tmp_path / "ran")}, str(tmp_path / "evil.pt"))
+    proc = run_script([os.path.join(ROOT, "sample.py"), "--ckpt", str(tmp_path / "evil.pt")], tmp_path)
+    line = assert_one_line_error(proc, "evil.pt", "system", "could run code")
+    assert "damaged" not in line and not (tmp_path / "ran").exists()
+    data = (tmp_path / "evil.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(UserError, match="damaged"):
+        load_checkpoint(str(tmp_path / "cut.pt"))
 
 
 def test_fid_every_logs_fid_to_metrics_file(tmp_path, monkeypatch):

@@ -462,6 +462,21 @@ def test_bad_input_of_a_conditional_model_and_of_a_folder(cond_ckpt, ckpt, input
     assert "no settings.json" in fails(capsys, "--ckpt", ckpt, "--init", a, "--save-dir", tmp_path / "plain")
 
 
+def test_bad_inputs_leave_no_new_save_dir_behind(ckpt, inputs, tmp_path, capsys):
+    """An empty --init folder, a folder with an unreadable image and an unreadable mask are each a one-line error
+    before anything is written: the new --save-dir is not even made, so it holds no settings.json."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "some").mkdir()
+    save(np.zeros((16, 16, 3)), tmp_path / "some" / "a.png")
+    (tmp_path / "some" / "b.png").write_text("not an image")
+    (tmp_path / "mask.png").write_text("not an image either")
+    for argv, needle in ((["--init", tmp_path / "empty", "--strength", 0.5], "no images"),
+                         (["--init", tmp_path / "some", "--strength", 0.5], "b.png"),
+                         (["--init", inputs / "a.png", "--mask", tmp_path / "mask.png", "--resample", 1], "mask")):
+        assert needle in fails(capsys, "--ckpt", ckpt, *argv, "--save-dir", tmp_path / "new")
+        assert not (tmp_path / "new").exists()
+
+
 def test_an_edit_error_is_one_line_from_the_shell(ckpt, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", ckpt, "--init", "missing.png"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -63,8 +63,8 @@ def loss_figure(history: dict, title: str):
     else:
         ax.plot(steps, loss, marker=".", label=f"loss (fewer than {MIN_POINTS_TO_SMOOTH} points: not smoothed)")
     ax.set(xlabel="step", ylabel="loss (L_simple)", yscale="log", title=title)
-    for which in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-        which(FuncFormatter(lambda value, pos: plain_decimal(value, ax.yaxis)))
+    for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        set_formatter(FuncFormatter(lambda value, pos: plain_decimal(value, ax.yaxis)))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -10,7 +10,16 @@ import shutil
 
 import pytest
 import torch
-from helpers import ROOT, TinyExtractor, assert_one_line_error, fails_in_process, run_script, tiny_checkpoint
+from helpers import (
+    ROOT,
+    TINY_TEXT_CKPT,
+    RunsCode,
+    TinyExtractor,
+    assert_one_line_error,
+    fails_in_process,
+    run_script,
+    tiny_checkpoint,
+)
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
@@ -336,6 +345,30 @@ def test_truncated_weights_file(tmp_path, capsys, name):
     line = fails(capsys, "from-diffusers", src, "--out", tmp_path / "o.pt")
     assert name in line and "truncated" in line
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_a_pickle_that_would_run_code_is_refused_as_such(tmp_path, capsys):
+    """A .bin whose pickle calls os.system: weights_only refuses it before anything runs, and the error says so
+    (not "damaged or truncated")."""
+    from safetensors.torch import load_file
+    src = tmp_path / "src"
+    save_unet(diffusers_unet(), src)
+    sd = load_file(str(src / "diffusion_pytorch_model.safetensors"))
+    torch.save({**sd, "x": RunsCode(tmp_path / "ran")}, str(src / "diffusion_pytorch_model.bin"))
+    os.remove(src / "diffusion_pytorch_model.safetensors")
+    line = fails(capsys, "from-diffusers", src, "--out", tmp_path / "o.pt")
+    assert "diffusion_pytorch_model.bin" in line and "system" in line and "could run code" in line, line
+    assert "damaged" not in line and "truncated" not in line
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "o.pt").exists()
+
+
+def test_a_text_conditional_checkpoint_is_refused_for_what_it_is(tmp_path, capsys):
+    """Its checkpoint holds the text encoder's state; diffusers' UNet2DModel has no text conditioning."""
+    ckpt = tiny_checkpoint(tmp_path / "text.pt", *WIDE, *TINY_TEXT_CKPT)
+    assert load_checkpoint(ckpt)["text"]["encoder"] == "learned"
+    line = fails(capsys, "to-diffusers", ckpt, "--out", tmp_path / "pipe")
+    assert "text-conditional" in line and "text_encoder=learned" in line and "holds no state" not in line, line
+    assert not (tmp_path / "pipe").exists()
 
 
 def test_existing_targets_are_refused_or_replaced_whole(tmp_path, capsys, monkeypatch, small_src):

@@ -25,6 +25,7 @@ from ddpm.images import decode_image, open_image
 from ddpm.samplers import spaced_timesteps
 
 SIZE, T = 16, 20  # the random checkpoints: helpers.TINY_CKPT, 5 DDIM steps, batches of 4
+TILE = 64  # the grids show a 16x16 image enlarged 4x by nearest neighbour (tiles of at least 64 pixels, README)
 SAMPLERS = [["--sampler", "ddpm"], ["--sampler", "ddim"], ["--sampler", "dpmpp"]]
 
 
@@ -52,6 +53,11 @@ def inputs(tmp_path_factory):
 
 def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path), dtype=np.int64)
+
+
+def enlarged(image: np.ndarray) -> np.ndarray:
+    """An H x W x C image as a grid shows it: each pixel a 4x4 block."""
+    return image.repeat(4, axis=0).repeat(4, axis=1)
 
 
 def as_read(path, size=SIZE) -> np.ndarray:
@@ -245,15 +251,15 @@ def test_a_strength_with_no_step_returns_the_input(ckpt, inputs, tmp_path, flags
 
 def test_grids_settings_and_the_default_output(ckpt, inputs, tmp_path, monkeypatch, capsys):
     """--out: a row per input, the input in the first column (then the mask, x_T / 3 for inversion), the
-    result last; the settings printed and in a JSON file beside it; without --out or --save-dir,
-    results/<name>/<edit>.png."""
-    cell = SIZE + 2
+    result last, each enlarged to TILE x TILE (the PNGs of --save-dir stay at SIZE); the settings printed and in a
+    JSON file beside it; without --out or --save-dir, results/<name>/<edit>.png."""
+    cell = TILE + 2
     for edit, argv, columns in (("img2img", ["--strength", 0.5], 2), ("inpaint", ["--mask", inputs.parent / "mask.png",
                                 "--resample", 1], 3), ("invert", ["--invert"], 3)):
         run_sample("--ckpt", ckpt, "--init", inputs, *argv, "--out", tmp_path / f"{edit}.png")
         grid = pixels(tmp_path / f"{edit}.png")
         assert grid.shape[:2] == (3 * cell + 2, columns * cell + 2)
-        assert np.array_equal(grid[2:2 + SIZE, 2:2 + SIZE], as_read(inputs / "a.png"))
+        assert np.array_equal(grid[2:2 + TILE, 2:2 + TILE], enlarged(as_read(inputs / "a.png")))
         settings = json.loads((tmp_path / f"{edit}.json").read_text())
         assert settings["edit"] == edit and settings["init"] == str(inputs) and settings["sampler"] == "ddim"
         assert json.dumps(settings) in capsys.readouterr().out
@@ -353,8 +359,10 @@ def test_the_ends_of_an_image_interpolation_are_the_reconstructions(ckpt, inputs
         end = pixels(tmp_path / "row" / f"{i:07d}.png")
         assert np.abs(end - pixels(tmp_path / "inverted" / f"{name}.png")).max() <= 1
     grid = pixels(tmp_path / "row.png")  # the two inputs at the ends of the row
-    assert np.array_equal(grid[2:2 + SIZE, 2:2 + SIZE], as_read(inputs / "a.png"))
-    assert np.array_equal(grid[2:2 + SIZE, -2 - SIZE:-2], as_read(inputs / "b.png"))
+    assert np.array_equal(grid[2:2 + TILE, 2:2 + TILE], enlarged(as_read(inputs / "a.png")))
+    assert np.array_equal(grid[2:2 + TILE, -2 - TILE:-2], enlarged(as_read(inputs / "b.png")))
+    assert np.array_equal(grid[2:2 + TILE, 4 + TILE:4 + 2 * TILE], enlarged(pixels(tmp_path / "row" / "0000000.png")))
+    assert pixels(tmp_path / "row" / "0000000.png").shape == (SIZE, SIZE, 3)
 
 
 @pytest.mark.parametrize("argv", [["--init", "{a}", "--strength", 0.7], ["--init", "{a}", "--mask", "{mask}",
@@ -433,6 +441,21 @@ def test_bad_input_of_a_conditional_model_and_of_a_folder(cond_ckpt, ckpt, input
     assert len(os.listdir(tmp_path / "row")) == 4
     run_sample("--ckpt", ckpt, "--n", 2, "--save-dir", tmp_path / "plain")
     assert "no settings.json" in sample_fails(capsys, "--ckpt", ckpt, "--init", a, "--save-dir", tmp_path / "plain")
+
+
+def test_bad_inputs_leave_no_new_save_dir_behind(ckpt, inputs, tmp_path, capsys):
+    """An empty --init folder, a folder with an unreadable image and an unreadable mask are each a one-line error
+    before anything is written: the new --save-dir is not even made, so it holds no settings.json."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "some").mkdir()
+    save(np.zeros((16, 16, 3)), tmp_path / "some" / "a.png")
+    (tmp_path / "some" / "b.png").write_text("not an image")
+    (tmp_path / "mask.png").write_text("not an image either")
+    for argv, needle in ((["--init", tmp_path / "empty", "--strength", 0.5], "no images"),
+                         (["--init", tmp_path / "some", "--strength", 0.5], "b.png"),
+                         (["--init", inputs / "a.png", "--mask", tmp_path / "mask.png", "--resample", 1], "mask")):
+        assert needle in sample_fails(capsys, "--ckpt", ckpt, *argv, "--save-dir", tmp_path / "new")
+        assert not (tmp_path / "new").exists()
 
 
 def test_an_edit_error_is_one_line_from_the_shell(ckpt, tmp_path):

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from helpers import ROOT, TinyExtractor, assert_one_line_error, files_in, run_script, tiny_checkpoint
+from helpers import (
+    ROOT,
+    TinyExtractor,
+    assert_one_line_error,
+    fails_in_process,
+    files_in,
+    run_script,
+    tiny_checkpoint,
+)
 from PIL import Image
 
 import evaluate
@@ -200,6 +208,25 @@ def test_missing_weights_is_one_line_error_without_download(tmp_path, folders):
     assert not (tmp_path / "m.json").exists()
     with pytest.raises(UserError, match="nowhere.pth"):
         metrics.load_inception("nowhere.pth", "cpu")
+
+
+def test_inputs_a_user_can_fix_are_reported_before_the_missing_weights(tmp_path, folders, capsys):
+    """One image in --samples-dir, an empty --ref-dir and --prompts on an unconditional checkpoint are each
+    reported as such with no Inception weights anywhere; with good inputs the same command names the weights."""
+    a, b, _ = folders
+    one, empty = tmp_path / "one", tmp_path / "empty"
+    write_pngs(one, make_shapes(1, 16, 3, seed=0)[0])
+    empty.mkdir()
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    ckpt = tiny_checkpoint(tmp_path / "uncond.pt")
+    weights = ["--inception-weights", str(tmp_path / "none.pth"), "--device", "cpu", "--out", str(tmp_path / "m.json")]
+    for args, needle in ((["--samples-dir", str(one), "--ref-dir", b], "holds 1 image"),
+                         (["--samples-dir", a, "--ref-dir", str(empty)], "no images"),
+                         (["--ckpt", ckpt, "--prompts", str(tmp_path / "prompts.txt"), "--ref-dir", b], "prompt")):
+        line = fails_in_process(capsys, evaluate.main, *args, *weights)
+        assert needle in line and "none.pth" not in line, line
+    assert "none.pth" in fails_in_process(capsys, evaluate.main, "--samples-dir", a, "--ref-dir", b, *weights)
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_real_extractor_loads_a_local_weights_file(tmp_path):

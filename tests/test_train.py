@@ -14,6 +14,7 @@ from helpers import (
     CONFIG,
     ROOT,
     TINY,
+    RunsCode,
     TinyExtractor,
     assert_one_line_error,
     fails_in_process,
@@ -54,8 +55,29 @@ def test_short_run_writes_every_output(tmp_path, monkeypatch):
     assert Image.open(out / "plots" / "loss.png").size[0] > 100
     for step in (3, 6):
         grid = Image.open(out / "samples" / f"step_{step:07d}.png")
-        assert grid.size == (2 + 2 * (8 + 2), 2 + 2 * (8 + 2))  # 4 samples of 8x8: a 2x2 grid, 2px padding
+        # 4 samples of 8x8: a 2x2 grid, each enlarged 8x to a 64-pixel tile, 2px padding
+        assert grid.size == (2 + 2 * (64 + 2), 2 + 2 * (64 + 2))
     assert load_config(str(out / "config.yaml")).model.base_channels == 16
+
+
+def test_a_log_file_gets_a_bounded_number_of_bytes_per_step(tmp_path, monkeypatch, capsys):
+    """Into a file or a pipe (here pytest's capture: not a terminal), a run of 25 steps of at least 0.1 s each,
+    where a progress bar would redraw at every step (tqdm redraws every 0.1 s, about 90 bytes each), writes plain
+    progress lines on stderr instead: at most one every 10 s and one at the end, so at most 10 bytes a step here
+    (lines of about 110 bytes, the run under 20 s)."""
+    step = training_step.Trainer.train_step
+
+    def slow_step(self):
+        time.sleep(0.1)
+        return step(self)
+    monkeypatch.setattr(training_step.Trainer, "train_step", slow_step)
+    started = time.monotonic()
+    run_train(tmp_path, monkeypatch, "train.max_steps=25", "train.log_every=5", "train.save_every=100")
+    elapsed, err = time.monotonic() - started, capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) <= 1 + elapsed // 10 and all(line.startswith("train: ") for line in lines), err
+    assert lines[-1].startswith("train: 25/25 step (100%)") and "loss=" in lines[-1], err
+    assert len(err.encode()) / 25 <= 10 or elapsed > 20, (elapsed, err)
 
 
 def test_keep_last_prunes_old_step_checkpoints(tmp_path, monkeypatch):
@@ -365,6 +387,19 @@ def test_unknown_checkpoint_file(tmp_path):
                        str(tmp_path / "junk.pt")], tmp_path)
     assert_one_line_error(proc, "junk.pt")
 
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_as_such(tmp_path):
+    """weights_only refuses a pickle that calls os.system before anything runs; the error says that loading it could
+    run code (a damaged file is still called damaged)."""
+    torch.save({"format": "ddpm-checkpoint-v1", "x": RunsCode(tmp_path / "ran")}, str(tmp_path / "evil.pt"))
+    proc = run_script([os.path.join(ROOT, "sample.py"), "--ckpt", str(tmp_path / "evil.pt")], tmp_path)
+    line = assert_one_line_error(proc, "evil.pt", "system", "could run code")
+    assert "damaged" not in line and not (tmp_path / "ran").exists()
+    data = (tmp_path / "evil.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(UserError, match="damaged"):
+        load_checkpoint(str(tmp_path / "cut.pt"))
 
 
 def test_fid_every_logs_fid_to_metrics_file(tmp_path, monkeypatch):

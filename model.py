@@ -139,17 +139,24 @@ class CrossAttention(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(b, -1, h, w))
 
 
+def embedding_width(cfg) -> int:
+    """The width of the timestep (and label) embedding of a ModelConfig: 4 x base_channels, as in the paper's code."""
+    return 4 * cfg.base_channels
+
+
 class Block(nn.Module):
     """A residual block, followed by attention at the resolutions that have it (and there, in a text model,
     cross-attention to the caption)."""
 
-    def __init__(self, in_ch, out_ch, emb_dim, dropout, attention: bool, num_heads: int, eps: float,
-                 context_dim: int | None = None, widths: Widths | None = None):
+    def __init__(self, in_ch: int, out_ch: int, cfg, attention: bool, context_dim: int | None = None,
+                 widths: Widths | None = None):
+        """cfg: the ModelConfig (dropout, heads, norm epsilon); context_dim: the caption's token width (None: no
+        text); in_ch and out_ch are the nominal widths, `widths` a pruned block's (model.widths)."""
         super().__init__()
-        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout, eps, widths)
+        self.res = ResBlock(in_ch, out_ch, embedding_width(cfg), cfg.dropout, cfg.norm_eps, widths)
         self.out_channels = widths.out_ch if widths else out_ch
-        self.attn = Attention(self.out_channels, num_heads, eps, out_ch) if attention else None
-        self.cross = (CrossAttention(self.out_channels, context_dim, num_heads, eps, out_ch)
+        self.attn = Attention(self.out_channels, cfg.num_heads, cfg.norm_eps, out_ch) if attention else None
+        self.cross = (CrossAttention(self.out_channels, context_dim, cfg.num_heads, cfg.norm_eps, out_ch)
                       if attention and context_dim else None)
 
     def forward(self, x, emb, context=None):
@@ -186,62 +193,71 @@ class UNet(nn.Module):
 
     def __init__(self, cfg, image_channels: int, image_size: int, vocab_size: int | None = None,
                  text_width: int | None = None):
-        """vocab_size: the learned text encoder's (text.text_dims); text_width: that of CLIP's embeddings."""
+        """vocab_size: the learned text encoder's (ddpm/text_encoders.text_dims); text_width: that of CLIP's
+        embeddings."""
         super().__init__()
         if cfg.num_classes == "auto":
             raise ValueError("resolve model.num_classes='auto' from the data set before building the model")
         self.image_channels, self.image_size, self.num_classes = image_channels, image_size, cfg.num_classes
         self.time_embedding = cfg.time_embedding
-        base, mults, attn_res = cfg.base_channels, cfg.channel_mults, cfg.attention_resolutions
-        ch, emb_dim = base, 4 * base
+        ch, emb_dim = cfg.base_channels, embedding_width(cfg)
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # labels 0..num_classes-1 and one extra 'null' label (index num_classes) for classifier-free guidance
         self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
         context_dim = self._text_layers(cfg, emb_dim, vocab_size, text_width)
-        # a pruned network's widths, layer by layer (config.nominal_widths tells the order); `ch` stays nominal
-        # and `act` is the actual width, the same unless pruned
+        # a pruned network's widths, layer by layer (config.nominal_widths tells the order): each layer has its
+        # nominal width (base_channels x channel_mults, `ch`) and its actual one (`act`), the same unless pruned
         recorded = iter(cfg.widths) if cfg.widths is not None else None
 
         def width(nominal: int) -> int:
             return nominal if recorded is None else next(recorded)
 
         self.conv_in = nn.Conv2d(image_channels, width(ch), 3, padding=1)
-        act = self.conv_in.out_channels
 
         def block(in_ch, out_ch, attention, act_in):
-            widths = Widths(act_in, width(out_ch), width(out_ch))
-            return Block(in_ch, out_ch, emb_dim, cfg.dropout, attention, cfg.num_heads, cfg.norm_eps, context_dim,
-                         widths)
+            return Block(in_ch, out_ch, cfg, attention, context_dim, Widths(act_in, width(out_ch), width(out_ch)))
+        # built in this order, the order in which the parameters draw their initial values
+        skip_channels = self._down_path(cfg, block, width, image_size)
+        ch, act = skip_channels[-1]
+        self.mid = nn.ModuleList([block(ch, ch, True, act)])
+        self.mid.append(block(ch, ch, False, self.mid[0].out_channels))
+        ch, act = self._up_path(cfg, block, width, skip_channels, image_size // 2 ** (len(cfg.channel_mults) - 1))
+        self.norm_out = group_norm(act, cfg.norm_eps, ch)
+        self.conv_out = zero_init(nn.Conv2d(act, image_channels, 3, padding=1))
 
-        self.down, skip_channels, res = nn.ModuleList(), [(ch, act)], image_size
-        for level, mult in enumerate(mults):
+    def _down_path(self, cfg, block, width, res: int) -> list[tuple[int, int]]:
+        """self.down: num_res_blocks blocks per level, then a Downsample (but after the last level); returns the
+        (nominal, actual) channels of every skip connection, conv_in's first."""
+        self.down, ch, act = nn.ModuleList(), cfg.base_channels, self.conv_in.out_channels
+        skip_channels = [(ch, act)]
+        for level, mult in enumerate(cfg.channel_mults):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(block(ch, base * mult, res in attn_res, act))
-                ch, act = base * mult, self.down[-1].out_channels
+                self.down.append(block(ch, cfg.base_channels * mult, res in cfg.attention_resolutions, act))
+                ch, act = cfg.base_channels * mult, self.down[-1].out_channels
                 skip_channels.append((ch, act))
-            if level != len(mults) - 1:
+            if level != len(cfg.channel_mults) - 1:
                 self.down.append(Downsample(act, cfg.downsample_padding, width(ch)))
                 act = self.down[-1].conv.out_channels
                 skip_channels.append((ch, act))
                 res //= 2
+        return skip_channels
 
-        self.mid = nn.ModuleList([block(ch, ch, True, act)])
-        self.mid.append(block(ch, ch, False, self.mid[0].out_channels))
-        act = self.mid[1].out_channels
-
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(mults))):
+    def _up_path(self, cfg, block, width, skip_channels: list[tuple[int, int]], res: int) -> tuple[int, int]:
+        """self.up: num_res_blocks + 1 blocks per level, each taking a skip connection (popped from
+        skip_channels), then an Upsample (but after the first level); returns the (nominal, actual) channels it
+        ends with. The middle blocks keep the last skip connection's width (their residuals are identities)."""
+        self.up, (ch, act) = nn.ModuleList(), skip_channels[-1]
+        for level, mult in reversed(list(enumerate(cfg.channel_mults))):
             for _ in range(cfg.num_res_blocks + 1):
                 skip, act_skip = skip_channels.pop()
-                self.up.append(block(ch + skip, base * mult, res in attn_res, act + act_skip))
-                ch, act = base * mult, self.up[-1].out_channels
+                self.up.append(block(ch + skip, cfg.base_channels * mult, res in cfg.attention_resolutions,
+                                     act + act_skip))
+                ch, act = cfg.base_channels * mult, self.up[-1].out_channels
             if level != 0:
                 self.up.append(Upsample(act, width(ch)))
                 act = self.up[-1].conv.out_channels
                 res *= 2
-
-        self.norm_out = group_norm(act, cfg.norm_eps, ch)
-        self.conv_out = zero_init(nn.Conv2d(act, image_channels, 3, padding=1))
+        return ch, act
 
     def _text_layers(self, cfg, emb_dim, vocab_size, text_width) -> int | None:
         """The learned text encoder and the projection of the pooled caption embedding of a text model; returns
@@ -252,11 +268,11 @@ class UNet(nn.Module):
             return None
         if cfg.text_encoder == "learned":
             if vocab_size is None:
-                raise ValueError("a learned text encoder needs its vocabulary size (text.text_dims)")
+                raise ValueError("a learned text encoder needs its vocabulary size (ddpm/text_encoders.text_dims)")
             self.text_encoder = LearnedTextEncoder(vocab_size, cfg.text_width, cfg.text_layers, cfg.text_max_tokens)
             text_width, self.text_shape = cfg.text_width, (cfg.text_max_tokens,)
         elif text_width is None:
-            raise ValueError("a CLIP-conditioned model needs CLIP's width (text.text_dims)")
+            raise ValueError("a CLIP-conditioned model needs CLIP's width (ddpm/text_encoders.text_dims)")
         else:
             self.text_shape = (1 + cfg.text_max_tokens, text_width)
         self.text_proj = zero_init(nn.Linear(text_width, emb_dim))

@@ -16,7 +16,7 @@ and puts the activation quantizers back. int8_inductor compiles real int8 kernel
 import torch
 import torch.nn as nn
 
-from ddpm.generation import batch_generator, generate
+from ddpm.generation import Sampling, batch_generator, generate
 from utils import UserError
 
 INSTALL = "pip install -r requirements-compress.txt"
@@ -121,7 +121,7 @@ def calibrate(model, diffusion, sample_cfg, n: int, device) -> tuple[dict, list[
     handles = [layer.register_forward_pre_hook(observe(name)) for name, layer in quantized_layers(model).items()]
     handles.append(model.register_forward_pre_hook(lambda module, args: seen.extend(args[1].unique().tolist())))
     try:
-        generate(model, diffusion, n, sample_cfg, batch_generator(sample_cfg.seed, 0, n, device), device)
+        generate(Sampling(model, diffusion, sample_cfg, device), n, batch_generator(sample_cfg.seed, 0, n, device))
     finally:
         for h in handles:
             h.remove()
@@ -184,7 +184,7 @@ def calibration_inputs(model, diffusion, sample_cfg, n: int, device) -> list[tup
         lambda module, args: calls.append(tuple(a.clone() for a in args if a is not None)))
     try:
         with torch.no_grad():
-            generate(model, diffusion, n, sample_cfg, batch_generator(sample_cfg.seed, 0, n, device), device)
+            generate(Sampling(model, diffusion, sample_cfg, device), n, batch_generator(sample_cfg.seed, 0, n, device))
     finally:
         handle.remove()
     return calls

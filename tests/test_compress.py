@@ -19,7 +19,7 @@ import train
 from config import ModelConfig, SampleConfig, config_from_dict, nominal_widths
 from ddpm import quantization
 from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
-from ddpm.generation import batch_generator, generate
+from ddpm.generation import Sampling, batch_generator, generate
 from ddpm.samplers import sampler_timesteps
 from model import UNet
 
@@ -278,7 +278,7 @@ def test_calibration_covers_the_sampler_timesteps():
     grid = sampler_timesteps(diffusion, SAMPLE)
     assert seen == sorted(grid) and len(seen) == 5
     # the ranges are the union over the x_t of every step: rebuilt from the recorded trajectory, step by step
-    _, trajectory = generate(model, diffusion, 3, SAMPLE, batch_generator(0, 0, 3, "cpu"), "cpu", record=grid)
+    _, trajectory = generate(Sampling(model, diffusion, SAMPLE, "cpu"), 3, batch_generator(0, 0, 3, "cpu"), record=grid)
     per_step = []
     for x_t, t in zip(trajectory["x_t"], trajectory["t"]):
         per_step.append(input_ranges(model, x_t, t))
@@ -327,7 +327,8 @@ def test_quantized_outputs_are_as_close_to_fp32_as_the_rounding_noise_model_says
     quantized.load_state_dict(quantization.dequantize_state(state, {"weights": info}))
     quantization.add_activation_quantizers(quantized, ranges, 8)
     middle = sampler_timesteps(diffusion, SAMPLE)[2]  # an x_t from the middle of the sampler's path
-    _, trajectory = generate(model, diffusion, 4, SAMPLE, batch_generator(1, 0, 4, "cpu"), "cpu", record=[middle])
+    _, trajectory = generate(Sampling(model, diffusion, SAMPLE, "cpu"), 4, batch_generator(1, 0, 4, "cpu"),
+                             record=[middle])
     x, t = trajectory["x_t"][0], torch.full((4,), middle)
     rms = float(((quantized(x, t) - model(x, t)) ** 2).mean().sqrt())
     predicted = noise_model_rms(model, ranges, x, t, bits)

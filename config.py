@@ -65,8 +65,10 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     objective: Literal["eps", "x0", "v"] = "eps"
-    variance: Literal["fixed_small", "fixed_large"] = "fixed_large"
+    # learned_range: improved DDPM's learned variances (the network outputs twice the channels), trained on L_hybrid
+    variance: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_large"
     clip_denoised: bool = True
+    vlb_weight: float = 0.001       # learned_range: L_hybrid = L_simple + vlb_weight * L_vlb (lambda of improved DDPM)
 
 
 @dataclass
@@ -95,12 +97,17 @@ class TrainConfig:
     cond_drop_prob: float = 0.1     # conditional only: fraction of labels (captions) replaced by the null one
     fid_every: int = 0              # 0 = off
     fid_samples: int = 5000
+    snr_gamma: float | None = None  # Min-SNR-gamma loss weights (Hang et al. 2023), e.g. 5; null = off
+    timestep_sampler: Literal["uniform", "loss_aware"] = "uniform"  # loss_aware: improved DDPM's importance sampling
+    nll_every: int = 0              # bits/dim of held-out images every this many steps; 0 = off
+    nll_images: int = 64            # how many held-out images nll_every scores
 
 
 @dataclass
 class SampleConfig:
     sampler: Literal["ddpm", "ddim", "dpmpp"] = "ddim"
-    steps: int = 100                # network calls of DDIM and DPM-Solver++ (DDPM always takes all T)
+    steps: int = 100                # network calls of DDIM and DPM-Solver++
+    ddpm_steps: int | None = None   # DDPM: null = all T; N = N timesteps, respaced (improved DDPM); --steps sets it
     eta: float = 0.0                # DDIM only: 0 deterministic, 1 DDPM-like
     order: int = 2                  # DPM-Solver++: 1 (= DDIM with eta 0), 2 (2M) or 3 (3M)
     spacing: Literal["linspace", "trailing", "logsnr"] = "linspace"  # DDIM and DPM-Solver++ timesteps
@@ -231,6 +238,7 @@ RANGES = {
     "train.save_every": AT_LEAST_1, "train.sample_every": AT_LEAST_1, "train.sample_n": AT_LEAST_1,
     "train.keep_last": AT_LEAST_0, "train.num_workers": AT_LEAST_0, "train.max_nonfinite": AT_LEAST_1,
     "train.cond_drop_prob": FRACTION, "train.fid_every": AT_LEAST_0, "train.fid_samples": Range(2),
+    "diffusion.vlb_weight": AT_LEAST_0, "train.nll_every": AT_LEAST_0, "train.nll_images": Range(2),
     "sample.steps": AT_LEAST_1, "sample.eta": Range(0, 1), "sample.order": Range(1, 3), "sample.n": AT_LEAST_1,
     "sample.batch_size": AT_LEAST_1, "sample.seed": SEED, "sample.guidance_scale": Range(None),
 }
@@ -267,6 +275,7 @@ def validate(cfg: Config) -> Config:
            f"model.num_classes must be null, 'auto' or at least 1, got {m.num_classes}")
     _check(df.beta_start <= df.beta_end,
            f"need diffusion.beta_start <= diffusion.beta_end, got {df.beta_start}, {df.beta_end}")
+    _check(t.snr_gamma is None or t.snr_gamma > 0, f"train.snr_gamma must be null (off) or above 0, got {t.snr_gamma}")
     check_batch_split(t)
     _validate_text(m)
     _validate_sample(cfg.sample, df.timesteps, m.num_classes is not None or m.text_encoder is not None)
@@ -286,6 +295,9 @@ def _validate_text(m: ModelConfig) -> None:
 
 def _validate_sample(s: SampleConfig, timesteps: int, conditional: bool) -> None:
     _check(s.steps <= timesteps, f"sample.steps must be between 1 and diffusion.timesteps={timesteps}, got {s.steps}")
+    _check(s.ddpm_steps is None or s.sampler != "ddpm" or 2 <= s.ddpm_steps <= timesteps,
+           f"sample.ddpm_steps (--steps with --sampler ddpm) must be null (all T) or between 2 and "
+           f"diffusion.timesteps={timesteps}, got {s.ddpm_steps}")
     _check(s.sampler != "dpmpp" or s.eta == 0,
            f"sample.eta={s.eta} (--eta) is for DDIM; DPM-Solver++ (sample.sampler=dpmpp) is deterministic, "
            "so leave eta at 0")

@@ -79,11 +79,11 @@ def scores(features, logits, ref) -> dict:
 
 
 def sampler_tag(s) -> str:
-    """The sampler settings in a folder name: ddpm, ddim100-linspace[-eta0.5], dpmpp20-order2-logsnr, and
+    """The sampler settings in a folder name: ddpm[50], ddim100-linspace[-eta0.5], dpmpp20-order2-logsnr, and
     -dynthresh with dynamic thresholding. The spacing is always named: DDIM's default timesteps changed once
     (they no longer end at index 0), and a folder of the old ones must not be filled up with the new."""
     if s.sampler == "ddpm":
-        tag = "ddpm"
+        tag = f"ddpm{s.ddpm_steps}" if s.ddpm_steps else "ddpm"
     elif s.sampler == "ddim":
         tag = f"ddim{s.steps}-{s.spacing}" + (f"-eta{s.eta:g}" if s.eta else "")
     else:

@@ -156,11 +156,13 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, cond): the U-Net of the paper, shaped by a ModelConfig (config.py holds the defaults)."""
+    """eps_theta(x_t, t, cond): the U-Net of the paper, shaped by a ModelConfig (config.py holds the defaults).
+    `image_channels` is the input's (and the images'); the output may have more (out_channels)."""
 
     def __init__(self, cfg, image_channels: int, image_size: int, vocab_size: int | None = None,
-                 text_width: int | None = None):
-        """vocab_size: the learned text encoder's (text.text_dims); text_width: that of CLIP's embeddings."""
+                 text_width: int | None = None, out_channels: int | None = None):
+        """vocab_size: the learned text encoder's (text.text_dims); text_width: that of CLIP's embeddings;
+        out_channels: the output's (default image_channels; twice that with learned variances)."""
         super().__init__()
         if cfg.num_classes == "auto":
             raise ValueError("resolve model.num_classes='auto' from the data set before building the model")
@@ -200,7 +202,7 @@ class UNet(nn.Module):
                 res *= 2
 
         self.norm_out = group_norm(ch, cfg.norm_eps)
-        self.conv_out = zero_init(nn.Conv2d(ch, image_channels, 3, padding=1))
+        self.conv_out = zero_init(nn.Conv2d(ch, out_channels or image_channels, 3, padding=1))
 
     def _text_layers(self, cfg, emb_dim, vocab_size, text_width) -> int | None:
         """The learned text encoder and the projection of the pooled caption embedding of a text model; returns
@@ -223,9 +225,12 @@ class UNet(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, text_state=None):
-        """The network of a whole Config: its model section at the data's channels and image size; a text model
+        """The network of a whole Config: its model section at the data's channels and image size, with twice the
+        output channels for learned variances (diffusion.variance=learned_range: the mean's, then v's); a text model
         also needs its caption encoder's state (ddpm/text_encoders.py: the vocabulary, or CLIP's width)."""
-        return cls(cfg.model, cfg.data.channels, cfg.data.image_size, **text_dims(cfg.model, text_state))
+        out = 2 * cfg.data.channels if cfg.diffusion.variance == "learned_range" else cfg.data.channels
+        return cls(cfg.model, cfg.data.channels, cfg.data.image_size, **text_dims(cfg.model, text_state),
+                   out_channels=out)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

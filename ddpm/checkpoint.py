@@ -121,6 +121,10 @@ def check_same_architecture(ckpt: dict, cfg, path: str) -> None:
     if saved["diffusion"]["timesteps"] != cfg.diffusion.timesteps:
         diffs.append(f"diffusion.timesteps: checkpoint {saved['diffusion']['timesteps']}, "
                      f"config {cfg.diffusion.timesteps}")
+    learned = saved["diffusion"].get("variance") == "learned_range"  # the output's channels
+    if learned != (cfg.diffusion.variance == "learned_range"):
+        diffs.append(f"diffusion.variance: checkpoint {saved['diffusion'].get('variance')!r}, "
+                     f"config {cfg.diffusion.variance!r}")
     # neither changes the weights: dropout, and where CLIP is read from (a moved folder)
     diffs = [d for d in diffs if not d.startswith(("model.dropout", "model.text_encoder_path"))]
     if diffs:

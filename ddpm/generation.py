@@ -65,7 +65,7 @@ def sample_batches(model, diffusion, n, s, device, starts=None, labels=None):
 
 def sampler_record(s, timesteps: int) -> dict:
     """The sampler settings of `s` that shaped a set of images, for metrics.json (None where one does not apply)."""
-    return {"sampler": s.sampler, "steps": timesteps if s.sampler == "ddpm" else s.steps,
+    return {"sampler": s.sampler, "steps": (s.ddpm_steps or timesteps) if s.sampler == "ddpm" else s.steps,
             "eta": s.eta if s.sampler == "ddim" else None, "order": s.order if s.sampler == "dpmpp" else None,
             "spacing": None if s.sampler == "ddpm" else s.spacing, "dynamic_threshold": s.dynamic_threshold,
             "guidance_scale": s.guidance_scale}

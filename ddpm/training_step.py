@@ -22,6 +22,7 @@ from config import to_dict
 from dataset import preload_wanted
 from ddpm.batches import Batches, stream_seed
 from ddpm.checkpoint import load_weights, rng_state, set_rng_state
+from ddpm.loss_weights import LossAwareSampler, UniformSampler, min_snr_weights, timestep_sampler
 from ddpm.text_encoders import prompt_encoder
 from diffusion import GaussianDiffusion
 from model import UNet
@@ -43,12 +44,12 @@ def ema_decay(step: int, decay: float) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
-def step_randomness(gen, cfg, step, shape, rank, world, device, conditional):
-    """Timesteps, noise and the label-drop mask of step `step` (None for an unconditional model), drawn over the
-    global batch; this rank's slice."""
+def step_randomness(gen, cfg, step, shape, rank, world, device, conditional, sampler=None):
+    """Timesteps (from `sampler`, default uniform), noise and the label-drop mask of step `step` (None for an
+    unconditional model), drawn over the global batch; this rank's slice."""
     gen.manual_seed(stream_seed("step", cfg.train.seed, step))
     b = cfg.train.batch_size
-    timesteps = torch.randint(0, cfg.diffusion.timesteps, (b,), generator=gen, device=device)
+    timesteps = (sampler or UniformSampler(cfg.diffusion.timesteps)).sample(b, gen, device)
     noise = torch.randn((b, *shape), generator=gen, device=device)
     drop = torch.rand(b, generator=gen, device=device) < cfg.train.cond_drop_prob if conditional else None
     sl = slice(rank * b // world, (rank + 1) * b // world)
@@ -80,6 +81,10 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
         self.diffusion = GaussianDiffusion(cfg.diffusion).to(device)
+        self.timestep_sampler = timestep_sampler(tc.timestep_sampler, cfg.diffusion.timesteps)
+        self.snr_weights = None if tc.snr_gamma is None else torch.tensor(
+            min_snr_weights(self.diffusion.alphas_cumprod64, tc.snr_gamma, cfg.diffusion.objective),
+            dtype=torch.float32, device=device)
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world > 1 else None
         self.eager = self.ddp or self.model  # what backward runs through; `net` may be its compiled version
         self.compiled = device.type == "cuda" if tc.compile == "auto" else tc.compile
@@ -108,7 +113,8 @@ class Trainer:
         return {"step": self.step, "config": to_dict(self.cfg), "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": rng_state(self.device), "data": self.batches.state_dict(), **text}
+                "rng": rng_state(self.device), "data": self.batches.state_dict(),
+                "timestep_sampler": self.timestep_sampler.state_dict(), **text}
 
     def load_state_dict(self, ckpt: dict) -> None:
         load_weights(self.model, ckpt["model"], "the checkpoint's model weights")
@@ -120,6 +126,7 @@ class Trainer:
         self._apply_run_settings()
         self.scaler.load_state_dict(ckpt["scaler"])
         self.batches.load_state_dict(ckpt["data"])
+        self.timestep_sampler.load_state_dict(ckpt.get("timestep_sampler") or {})
         self.step = ckpt["step"]
         set_rng_state(ckpt["rng"], self.device)
 
@@ -139,11 +146,11 @@ class Trainer:
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         timesteps, noise, drop = step_randomness(self.gen, cfg, self.step, x.shape[1:], self.rank, self.world,
-                                                 self.device, self.conditional)
+                                                 self.device, self.conditional, self.timestep_sampler)
         # dropout masks from (seed, rank, step): exact on resume on every rank, and different across ranks
         torch.manual_seed(stream_seed("dropout", cfg.train.seed, self.rank, self.step))
         y = self.condition(y, drop)
-        total = torch.zeros((), device=self.device)
+        total, per_example = torch.zeros((), device=self.device), []
         for i in range(accum):
             part = slice(i * x.shape[0] // accum, (i + 1) * x.shape[0] // accum)
             # all-reduce the gradients once, on the last micro-batch
@@ -151,10 +158,13 @@ class Trainer:
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
-                    loss = self.diffusion.loss(self.net, x[part], None if y is None else y[part],
-                                               timesteps[part], noise[part]) / accum
-                self.scaler.scale(loss).backward()
-            total += loss.detach()
+                    loss, losses = self.batch_loss(x[part], None if y is None else y[part], timesteps[part],
+                                                   noise[part])
+                self.scaler.scale(loss / accum).backward()
+            total += loss.detach() / accum
+            per_example.append(losses)
+        if isinstance(self.timestep_sampler, LossAwareSampler):
+            self.timestep_sampler.update(*self._gathered(timesteps, torch.cat(per_example)))
         grad_norm = self._optimiser_step()
         self._update_ema()
         finite = torch.isfinite(total)
@@ -162,6 +172,29 @@ class Trainer:
         self.bad_total += (~finite).long()
         self.step += 1
         return total, grad_norm
+
+    def batch_loss(self, x, cond, t, noise):
+        """(loss, per-example losses or None) of a micro-batch: GaussianDiffusion.loss; with Min-SNR weights or
+        the loss-aware sampler, the mean of its per-example terms, L_simple's weighted by train.snr_gamma's
+        weights and each example's by the sampler's 1 / (T p_t) (the per-example losses before that weight are
+        returned, detached, for the sampler's history)."""
+        plain = self.snr_weights is None and not isinstance(self.timestep_sampler, LossAwareSampler)
+        if plain:
+            return self.diffusion.loss(self.net, x, cond, t, noise), None
+        terms = self.diffusion.loss_terms(self.net, x, cond, t, noise)
+        if self.snr_weights is not None:
+            terms.mse = terms.mse * self.snr_weights[t]
+        losses = self.diffusion.hybrid(terms)
+        return (losses * self.timestep_sampler.weights(t)).mean(), losses.detach()
+
+    def _gathered(self, t, losses):
+        """The timesteps and per-example losses of the whole global batch, from every process, in rank order."""
+        if self.world == 1:
+            return t, losses
+        out = [torch.empty_like(a).repeat(self.world) for a in (t, losses)]
+        for o, a in zip(out, (t, losses)):
+            torch.distributed.all_gather_into_tensor(o, a.contiguous())
+        return out
 
     def condition(self, y, drop=None):
         """The network's condition for the batch's labels y: None (unconditional), the labels, or the encodings of

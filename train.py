@@ -29,6 +29,7 @@ from ddpm.distributed import close_distributed, setup_distributed, wait_for_all
 from ddpm.generation import generate, sampler_record
 from ddpm.images import make_grid, save_image, to_uint8
 from ddpm.metrics import append_record, fid_of, load_inception
+from ddpm.nll import dataset_nll, held_out_data
 from ddpm.run_log import RunLog
 from ddpm.training_step import Trainer
 from utils import FolderLock, UserError, atomic_write, check_writable, enable_tf32
@@ -50,7 +51,7 @@ class TrainingRun:
     def __init__(self, trainer, ckpt_dir, out_dir, runlog, stop, extractor=None):
         self.trainer, self.cfg, self.world = trainer, trainer.cfg, trainer.world
         self.ckpt_dir, self.out_dir, self.runlog, self.stop_signal = ckpt_dir, out_dir, runlog, stop
-        self.extractor = extractor
+        self.extractor, self.held_out = extractor, None
         self.saved_step, self.warned = trainer.step, 0
         self.loss_sum, self.logged_steps, self.last_log = 0, 0, time.perf_counter()
 
@@ -68,6 +69,8 @@ class TrainingRun:
                     self.sample_grid()
                 if tc.fid_every and trainer.step % tc.fid_every == 0:
                     self.log_fid()
+                if tc.nll_every and trainer.step % tc.nll_every == 0:
+                    self.log_nll()
             # one process stops at once; several stop only on the signal they agreed on at a log step
             signum = self.stop_signal.signum if self.world == 1 else agreed_signal
             if (self.due(tc.save_every) or signum) and trainer.step != self.saved_step:
@@ -143,6 +146,22 @@ class TrainingRun:
         append_record(os.path.join(self.out_dir, "metrics.json"),
                       {"step": step, "fid": fid, "n": n, **sampler_record(cfg.sample, cfg.diffusion.timesteps),
                        "source": "train.fid_every"})
+
+    def log_nll(self) -> None:
+        """The EMA model's bound in bits/dim on train.nll_images held-out images (ddpm/nll.py), to TensorBoard and
+        results/<name>/metrics.json."""
+        cfg, step, n = self.cfg, self.trainer.step, self.cfg.train.nll_images
+        if self.held_out is None:
+            self.held_out = held_out_data(cfg.data, n)
+        images, name = self.held_out
+        n = min(n, len(images))
+        result = dataset_nll(self.trainer.ema, self.trainer.diffusion, images, n, cfg.sample.batch_size,
+                             cfg.train.seed, self.trainer.device)
+        self.runlog.scalar("eval/bits_per_dim", result["bits_per_dim"], step)
+        self.runlog.message(f"step {step}: {result['bits_per_dim']:.4f} +- {result['bits_per_dim_ci95']:.4f} "
+                            f"bits/dim ({n} images of {name})")
+        append_record(os.path.join(self.out_dir, "metrics.json"),
+                      {"step": step, "metric": "nll", "images": name, **result, "source": "train.nll_every"})
 
     def save(self) -> None:
         """Rank 0: last.pt, a step_XXXXXXX.pt of it, the newest train.keep_last of those kept; the plots."""

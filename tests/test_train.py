@@ -367,3 +367,27 @@ def test_label_dropout_rate_matches_cond_drop_prob():
                            training_step.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), True)[i])
     _, _, none = training_step.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), False)
     assert none is None
+
+
+@pytest.mark.parametrize("option", ["train.timestep_sampler=loss_aware", "diffusion.variance=learned_range",
+                                    "train.snr_gamma=5"])
+def test_resume_is_exact_with_the_improved_ddpm_options(tmp_path, monkeypatch, option):
+    """A run stopped at step 12 and resumed logs the same losses and ends with the same weights, optimiser state
+    and timestep sampler as a run of 16 steps at once. loss_aware: by step 12 the sampler has left its uniform
+    warm-up (each of the T = 10 timesteps has 10 losses), so the resumed run draws from the saved history."""
+    batch = 16 if option.endswith("loss_aware") else 8
+    extra = [option, f"train.batch_size={batch}", "train.save_every=100", "diffusion.timesteps=10"]
+    (tmp_path / "whole").mkdir(), (tmp_path / "split").mkdir()
+    ckpt_dir, out = run_train(tmp_path / "whole", monkeypatch, *extra, "train.max_steps=16")
+    run_train(tmp_path / "split", monkeypatch, *extra, "train.max_steps=12")
+    stopped = load_checkpoint(str(tmp_path / "split" / "checkpoints" / "t" / "last.pt"))
+    if option.endswith("loss_aware"):
+        assert stopped["timestep_sampler"]["counts"].tolist() == [10] * 10
+    split_dir, split_out = run_train(tmp_path / "split", monkeypatch, *extra, "train.max_steps=16")
+    a, b = read_csv(out / "plots" / "losses.csv"), read_csv(split_out / "plots" / "losses.csv")
+    assert [(r["step"], r["loss"]) for r in a] == [(r["step"], r["loss"]) for r in b] and len(a) == 16
+    whole, split = load_checkpoint(str(ckpt_dir / "last.pt")), load_checkpoint(str(split_dir / "last.pt"))
+    for key in ("model", "ema"):
+        assert all(torch.equal(whole[key][k], split[key][k]) for k in whole[key]), key
+    for k, v in whole["timestep_sampler"].items():
+        assert torch.equal(v, split["timestep_sampler"][k]), k

@@ -202,3 +202,18 @@ def test_an_old_checkpoint_samples_with_ddpm_as_it_did():
     with torch.no_grad():
         loss = diffusion.loss(model, expected["x0"], t=expected["t"], noise=expected["noise"])
     assert (loss - expected["loss"]).abs() < 1e-6
+
+
+def test_steps_flag_respaces_ddpm_only_when_ddpm_samples():
+    from argparse import Namespace
+
+    from ddpm.cli import SAMPLER_FLAGS, sampler_overrides
+    from evaluate import sampler_tag
+
+    def overrides(**given):
+        return sampler_overrides(Namespace(**{**dict.fromkeys(SAMPLER_FLAGS), **given}))
+    assert overrides(sampler="ddpm", steps=50) == ["sample.sampler=ddpm", "sample.steps=50", "sample.ddpm_steps=50"]
+    assert overrides(sampler="ddim", steps=1) == ["sample.sampler=ddim", "sample.steps=1"]
+    assert overrides(sampler="ddpm") == ["sample.sampler=ddpm"]  # all T, as before
+    assert sampler_tag(SampleConfig(sampler="ddpm", ddpm_steps=50)) == "ddpm50"
+    assert sampler_tag(SampleConfig(sampler="ddpm")) == "ddpm"

@@ -4,7 +4,6 @@ Notation follows Ho et al. 2020 (DDPM) and Song et al. 2021 (DDIM): beta_t, alph
 alpha-bar_t = prod_{s<=t} alpha_s (here `alphas_cumprod`). Indices are 0-based: index t in these
 tensors is step t+1 of the paper, so t runs over 0..T-1 and x_0 (the data) sits "before" index 0.
 """
-import functools
 import math
 from dataclasses import dataclass
 
@@ -43,8 +42,14 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tens
     pos = percentile * (flat.shape[1] - 1)
     lo, frac = int(pos), pos - int(pos)
     q = flat[:, lo] if frac == 0 else torch.lerp(flat[:, lo], flat[:, lo + 1], frac)
-    s = q.clamp(min=1).reshape(-1, *([1] * (x0.ndim - 1)))
+    s = per_image(q.clamp(min=1), x0.ndim)  # (B, 1, 1, 1)
     return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+def per_image(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """One value per image, v (B,), reshaped to (B, 1, 1, ...) of `ndim` dimensions so that it broadcasts against
+    a batch of images (B, C, H, W)."""
+    return v.reshape(-1, *([1] * (ndim - 1)))
 
 
 def respaced_betas(alphas_cumprod64: np.ndarray, timesteps) -> np.ndarray:
@@ -69,7 +74,12 @@ class LossTerms:
 
 def extract(a: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     """a[t] reshaped to (B, 1, 1, ...) so it broadcasts against a batch of images."""
-    return a.gather(0, t).reshape(-1, *([1] * (ndim - 1)))
+    return per_image(a.gather(0, t), ndim)
+
+
+def timestep_batch(x: torch.Tensor, t: int) -> torch.Tensor:
+    """Timestep index t for every image of the batch x: (B,) long, on x's device."""
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
 
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -204,19 +214,23 @@ class GaussianDiffusion(nn.Module):
 
     # ---- sampling ----------------------------------------------------------------------------------------
 
-    def predict(self, model, x_t, t, cond=None, guidance_scale=1.0, threshold=False, with_variance=False):
+    def predict(self, model, x_t, t, cond=None, guidance_scale=1.0, threshold=False):
         """The model's (eps, x_0) at x_t. With a condition and guidance_scale w != 1, classifier-free guidance:
         eps = eps_uncond + w (eps_cond - eps_uncond), both from one batched forward pass of 2B.
         x_0 is then dynamically thresholded (`threshold`, see dynamic_threshold) or clipped to [-1, 1]
-        (`clip_denoised`), and eps recomputed from it, so that every sampler's update sees one consistent pair.
-        with_variance: (eps, x_0, v), v the learned variance's output (of the conditional pass, as in GLIDE;
+        (`clip_denoised`), and eps recomputed from it, so that every sampler's update sees one consistent pair."""
+        eps, x0, _ = self.predict_with_variance(model, x_t, t, cond, guidance_scale, threshold)
+        return eps, x0
+
+    def predict_with_variance(self, model, x_t, t, cond=None, guidance_scale=1.0, threshold=False):
+        """`predict`'s (eps, x_0), and v, the learned variance's output (of the conditional pass, as in GLIDE;
         None with fixed variances)."""
         eps, v = self._eps_and_v(model, x_t, t, cond, guidance_scale)
         x0 = self.predict_x0_from_eps(x_t, t, eps)
         if threshold or self.clip_denoised:  # thresholding leaves |x_0| <= 1, so clipping after it does nothing
             x0 = dynamic_threshold(x0) if threshold else x0.clamp(-1, 1)
             eps = self.predict_eps_from_x0(x_t, t, x0)
-        return (eps, x0, v) if with_variance else (eps, x0)
+        return eps, x0, v
 
     def _eps_and_v(self, model, x_t, t, cond, guidance_scale):
         """eps (guided) and the variance output v (None with fixed variances) of the network at x_t."""
@@ -234,8 +248,11 @@ class GaussianDiffusion(nn.Module):
 
     def denoiser(self, model, cond=None, guidance_scale=1.0, threshold=False):
         """denoise(x_t, t) -> (eps, x_0): `predict` with the network, its condition and the thresholding bound,
-        for the samplers (denoise(x_t, t, with_variance=True) adds v)."""
-        return functools.partial(self.predict, model, cond=cond, guidance_scale=guidance_scale, threshold=threshold)
+        for the samplers (denoise(x_t, t, with_variance=True) adds v: `predict_with_variance`)."""
+        def denoise(x_t, t, with_variance=False):
+            eps, x0, v = self.predict_with_variance(model, x_t, t, cond, guidance_scale, threshold)
+            return (eps, x0, v) if with_variance else (eps, x0)
+        return denoise
 
     def _to_eps(self, x_t, t, out):
         if self.objective == "eps":
@@ -269,7 +286,7 @@ class GaussianDiffusion(nn.Module):
             (_, x0), v = denoise(x_t, t), None
         mean, _, _ = self.q_posterior(x0, x_t, index)
         log_var = self.model_log_variance(index, x_t.ndim, v)
-        nonzero = (index > 0).float().reshape(-1, *([1] * (x_t.ndim - 1)))
+        nonzero = per_image((index > 0).float(), x_t.ndim)
         return mean + nonzero * (0.5 * log_var).exp() * z, x0
 
     def ddim_step(self, denoise, x_t, t, t_prev, z, eta):

@@ -86,7 +86,7 @@ def image_bound(diffusion, model, x0, cond=None, generator=None) -> Bound:
         tt = torch.full((b,), t, device=x0.device, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         x_t = diffusion.q_sample(x0, tt, noise)
-        _, x0_hat, v = diffusion.predict(model, x_t, tt, cond, with_variance=True)
+        _, x0_hat, v = diffusion.predict_with_variance(model, x_t, tt, cond)
         terms[:, t] = vlb_term(diffusion, x0.double(), x_t.double(), tt, x0_hat.double(),
                                None if v is None else v.double()).cpu()
     return Bound(terms, prior_term(diffusion, x0).cpu())

@@ -1,13 +1,13 @@
 """The variational bound of a model on a set of images, in bits per dimension (ddpm/likelihood.py): what
 `evaluate.py --nll` reports and `train.nll_every` logs.
 
-    result = dataset_nll(model, diffusion, dataset, n=256, batch_size=64, seed=0, device=device)
+    result = dataset_nll(Sampling(model, diffusion, cfg.sample, device), dataset, n=256)
     # {"bits_per_dim": 3.1, "bits_per_dim_ci95": 0.02, "prior_bits_per_dim": ..., "decoder_bits_per_dim": ..., "n": 256}
 
-Every term of every image is one draw of x_t ~ q(x_t | x_0), from a generator seeded by (seed, first index, batch
-size) as the samples' are, so a score is reproducible. The 95% interval is over images (1.96 s / sqrt(n)); it does
-not include the noise of the single draws, which it averages over too. Class- and text-conditional models are
-scored unconditionally (the null condition).
+Every term of every image is one draw of x_t ~ q(x_t | x_0), from a generator seeded by (sample_cfg.seed, first
+index, sample_cfg.batch_size) as the samples' are, so a score is reproducible. The 95% interval is over images
+(1.96 s / sqrt(n)); it does not include the noise of the single draws, which it averages over too. Class- and
+text-conditional models are scored unconditionally (the null condition).
 """
 import dataclasses
 import math
@@ -15,13 +15,16 @@ import math
 import torch
 
 from dataset import build_dataset
-from ddpm.generation import batch_generator
+from ddpm.generation import Sampling, batch_generator
 from ddpm.likelihood import image_bound, mean_and_ci95
 
 
-def dataset_nll(model, diffusion, dataset, n: int, batch_size: int, seed: int, device) -> dict:
-    """The bound on the first n images of `dataset`: mean bits/dim with its 95% interval, and the mean of the
-    prior term and of the decoder term (t = 0) in bits/dim."""
+def dataset_nll(sampling: Sampling, dataset, n: int) -> dict:
+    """The bound of sampling's model and diffusion on the first n images of `dataset` (in batches of
+    sample_cfg.batch_size, the noise seeded by sample_cfg.seed; the sampler itself plays no part): mean bits/dim
+    with its 95% interval, and the mean of the prior term and of the decoder term (t = 0) in bits/dim."""
+    model, diffusion, device = sampling.model, sampling.diffusion, sampling.device
+    batch_size, seed = sampling.sample_cfg.batch_size, sampling.sample_cfg.seed
     bits, prior, decoder = [], [], []
     model.eval()
     for start in range(0, n, batch_size):

@@ -1,6 +1,6 @@
 """One training step of a DDPM and the state it carries (Trainer), used by train.py.
 
-One step, in order: a batch from the data stream (dataset.Batches), the loss of the network on it
+One step, in order: a batch from the data stream (ddpm/batches.Batches), the loss of the network on it
 (GaussianDiffusion.loss), backward, the clipped optimiser step, the EMA of the weights.
 
 A text-conditional model (model.text_encoder) trains on captions: each distinct caption of the data is encoded
@@ -24,7 +24,7 @@ from ddpm.batches import Batches, stream_seed
 from ddpm.checkpoint import load_weights, rng_state, set_rng_state
 from ddpm.loss_weights import LossAwareSampler, UniformSampler, min_snr_weights, timestep_sampler
 from ddpm.text_encoders import prompt_encoder
-from diffusion import GaussianDiffusion
+from diffusion import GaussianDiffusion, per_image
 from model import UNet
 from utils import autocast_dtype, first_call_or_fallback
 
@@ -44,15 +44,17 @@ def ema_decay(step: int, decay: float) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
-def step_randomness(gen, cfg, step, shape, rank, world, device, conditional, sampler=None):
-    """Timesteps (from `sampler`, default uniform), noise and the label-drop mask of step `step` (None for an
-    unconditional model), drawn over the global batch; this rank's slice."""
+def step_randomness(gen, cfg, step: int, process, conditional: bool, sampler=None):
+    """Timesteps (drawn by `sampler`, ddpm/loss_weights.py; default uniform), noise (images of cfg.data's shape)
+    and the label-drop mask of step `step` (None for an unconditional model), drawn from `gen` (on the device) over
+    the global batch; the slice of `process` (ddpm/distributed.Process: its rank of its world)."""
     gen.manual_seed(stream_seed("step", cfg.train.seed, step))
-    b = cfg.train.batch_size
+    b, device = cfg.train.batch_size, gen.device
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     timesteps = (sampler or UniformSampler(cfg.diffusion.timesteps)).sample(b, gen, device)
     noise = torch.randn((b, *shape), generator=gen, device=device)
     drop = torch.rand(b, generator=gen, device=device) < cfg.train.cond_drop_prob if conditional else None
-    sl = slice(rank * b // world, (rank + 1) * b // world)
+    sl = slice(process.rank * b // process.world, (process.rank + 1) * b // process.world)
     return timesteps[sl], noise[sl], drop[sl] if conditional else None
 
 
@@ -61,30 +63,27 @@ def step_randomness(gen, cfg, step, shape, rank, world, device, conditional, sam
 class Trainer:
     """The model, its EMA, the optimiser and the data stream of a run, and one optimisation step.
 
+    process: this process of the run (ddpm/distributed.Process: its rank, the number of processes, its device);
     text_state: a text model's caption encoder from its checkpoint (None: a new vocabulary of the data's captions)."""
 
-    def __init__(self, cfg, device, rank, world, dataset, log=print, text_state=None):
-        self.cfg, self.device, self.rank, self.world, self.log = cfg, device, rank, world, log
-        tc = cfg.train
+    def __init__(self, cfg, process, dataset, log=print, text_state=None):
+        device, rank, world = process.device, process.rank, process.world
+        self.cfg, self.process, self.device, self.rank, self.world = cfg, process, device, rank, world
+        self.log, tc = log, cfg.train
         if tc.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with it
             torch.use_deterministic_algorithms(True)
         self.text_state, self.captions = text_state, None
         if cfg.model.text_encoder:  # the condition of each distinct caption, on the device: a step indexes it
             encoder = prompt_encoder(cfg.model, text_state, dataset.captions, device)
-            say = print if rank == 0 else (lambda *a, **k: None)
-            self.text_state, self.captions = encoder.state(), encoder.encode(dataset.captions, say).to(device)
+            self.text_state, self.captions = encoder.state(), encoder.encode(dataset.captions, process.say).to(device)
         torch.manual_seed(tc.seed)
         self.model = UNet.from_config(cfg, self.text_state).to(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
-        self.diffusion = GaussianDiffusion(cfg.diffusion).to(device)
-        self.timestep_sampler = timestep_sampler(tc.timestep_sampler, cfg.diffusion.timesteps)
-        self.snr_weights = None if tc.snr_gamma is None else torch.tensor(
-            min_snr_weights(self.diffusion.alphas_cumprod64, tc.snr_gamma, cfg.diffusion.objective),
-            dtype=torch.float32, device=device)
+        self._diffusion_and_loss_weights(device)
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world > 1 else None
         self.eager = self.ddp or self.model  # what backward runs through; `net` may be its compiled version
         self.compiled = device.type == "cuda" if tc.compile == "auto" else tc.compile
@@ -93,7 +92,7 @@ class Trainer:
         opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
         self.opt = opt_cls(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                            fused=device.type == "cuda")
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, tc))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(step, tc))
         self.amp_dtype = autocast_dtype(tc.precision, device)
         # Always a scaler: its on-device found_inf check skips a non-finite step without a host sync.
         # Only fp16 needs real loss scaling; otherwise the scale is pinned to 1 after each update.
@@ -107,6 +106,16 @@ class Trainer:
         self.step = 0
         self.bad_streak = torch.zeros((), device=device, dtype=torch.long)  # consecutive non-finite losses
         self.bad_total = torch.zeros((), device=device, dtype=torch.long)
+
+    def _diffusion_and_loss_weights(self, device) -> None:
+        """The diffusion, the timestep sampler (train.timestep_sampler) and the Min-SNR weights of each timestep
+        (train.snr_gamma; None when off)."""
+        cfg, tc = self.cfg, self.cfg.train
+        self.diffusion = GaussianDiffusion(cfg.diffusion).to(device)
+        self.timestep_sampler = timestep_sampler(tc.timestep_sampler, cfg.diffusion.timesteps)
+        self.snr_weights = None if tc.snr_gamma is None else torch.tensor(
+            min_snr_weights(self.diffusion.alphas_cumprod64, tc.snr_gamma, cfg.diffusion.objective),
+            dtype=torch.float32, device=device)
 
     def state_dict(self) -> dict:
         text = {"text": self.text_state} if self.text_state is not None else {}
@@ -145,8 +154,8 @@ class Trainer:
         x, y = next(self.batches)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        timesteps, noise, drop = step_randomness(self.gen, cfg, self.step, x.shape[1:], self.rank, self.world,
-                                                 self.device, self.conditional, self.timestep_sampler)
+        timesteps, noise, drop = step_randomness(self.gen, cfg, self.step, self.process, self.conditional,
+                                                 self.timestep_sampler)
         # dropout masks from (seed, rank, step): exact on resume on every rank, and different across ranks
         torch.manual_seed(stream_seed("dropout", cfg.train.seed, self.rank, self.step))
         y = self.condition(y, drop)
@@ -204,7 +213,7 @@ class Trainer:
         cond = y if self.captions is None else self.captions[y]
         if drop is None:
             return cond
-        return torch.where(drop.view(-1, *[1] * (cond.ndim - 1)), self.model.null_condition(cond), cond)
+        return torch.where(per_image(drop, cond.ndim), self.model.null_condition(cond), cond)
 
     def _optimiser_step(self):
         """Clip the global gradient norm, step (skipped on the device when non-finite), advance the LR."""
@@ -243,6 +252,3 @@ class Trainer:
             self.ddp = None
             self.eager = self.net = self.model
             gc.collect()
-
-
-# ---- the run: when to log, draw, score, save and stop --------------------------------------------------------

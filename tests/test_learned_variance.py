@@ -1,7 +1,9 @@
 """Learned variances (diffusion.variance=learned_range) and respaced DDPM (--sampler ddpm --steps N): the DDPM
 step against diffusers' DDPMScheduler driven by the same network, the respaced betas against alpha-bar in
 float64, the hybrid loss against a float64 computation, and checkpoints from before that sample as they did."""
+import math
 import os
+from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -10,10 +12,12 @@ from diffusion_refs import GaussianEps, ref_linear_betas, ref_schedule
 from helpers import make_diffusion, tiny_config
 
 from config import SampleConfig
-from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
-from ddpm.generation import generate
+from ddpm.checkpoint import load_for_use
+from ddpm.cli import SAMPLER_FLAGS, sampler_overrides
+from ddpm.generation import Sampling, generate
 from ddpm.samplers import sample_loop, sampler_timesteps
 from diffusion import respaced_betas
+from evaluate import sampler_tag
 from model import UNet
 
 T = 1000
@@ -69,10 +73,10 @@ def test_ddpm_matches_diffusers(variance, steps, objective):
         full = model
         model = lambda x, t, cond=None: full(x, t)[:, :3]  # noqa: E731
     x_T = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    s = SampleConfig(sampler="ddpm", ddpm_steps=None if steps == T else steps)
-    ours = sample_loop(d, d.denoiser(model), x_T, s, torch.Generator().manual_seed(7))
+    sample_cfg = SampleConfig(sampler="ddpm", ddpm_steps=None if steps == T else steps)
+    ours = sample_loop(d, d.denoiser(model), x_T, sample_cfg, torch.Generator().manual_seed(7))
     theirs, their_steps = diffusers_ddpm(steps, variance, objective, 7, model, x_T)
-    assert sampler_timesteps(d, s) == their_steps
+    assert sampler_timesteps(d, sample_cfg) == their_steps
     assert (theirs - x_T).abs().max() > 0.5
     assert (ours - theirs).abs().max().item() < 1e-5
 
@@ -81,12 +85,12 @@ def test_the_variance_half_matters():
     d = make_diffusion(timesteps=T, variance="learned_range")
     model = LearnedRangeStandIn(d.alphas_cumprod64)
     x_T = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    s = SampleConfig(sampler="ddpm", ddpm_steps=20)
-    ours = sample_loop(d, d.denoiser(model), x_T, s, torch.Generator().manual_seed(7))
+    sample_cfg = SampleConfig(sampler="ddpm", ddpm_steps=20)
+    ours = sample_loop(d, d.denoiser(model), x_T, sample_cfg, torch.Generator().manual_seed(7))
     pinned = sample_loop(d, d.denoiser(lambda x, t, c=None: torch.cat([model(x, t)[:, :3], -torch.ones_like(x)], 1)),
-                         x_T, s, torch.Generator().manual_seed(7))
+                         x_T, sample_cfg, torch.Generator().manual_seed(7))
     small = make_diffusion(timesteps=T, variance="fixed_small")
-    fixed = sample_loop(small, small.denoiser(lambda x, t, c=None: model(x, t)[:, :3]), x_T, s,
+    fixed = sample_loop(small, small.denoiser(lambda x, t, c=None: model(x, t)[:, :3]), x_T, sample_cfg,
                         torch.Generator().manual_seed(7))
     assert (ours - pinned).abs().max() > 1e-2
     assert (pinned - fixed).abs().max() < 1e-5  # v = -1 is beta-tilde: fixed_small
@@ -97,9 +101,9 @@ def test_ddim_and_dpmpp_use_the_mean_only(sampler):
     learned, fixed = make_diffusion(timesteps=T, variance="learned_range"), make_diffusion(timesteps=T)
     model = LearnedRangeStandIn(learned.alphas_cumprod64)
     x_T = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    s = SampleConfig(sampler=sampler, steps=10)
-    a = sample_loop(learned, learned.denoiser(model), x_T, s)
-    b = sample_loop(fixed, fixed.denoiser(lambda x, t, c=None: model(x, t)[:, :3]), x_T, s)
+    sample_cfg = SampleConfig(sampler=sampler, steps=10)
+    a = sample_loop(learned, learned.denoiser(model), x_T, sample_cfg)
+    b = sample_loop(fixed, fixed.denoiser(lambda x, t, c=None: model(x, t)[:, :3]), x_T, sample_cfg)
     assert torch.equal(a, b)
 
 
@@ -126,8 +130,9 @@ def test_learned_range_model_has_twice_the_output_channels():
     model = UNet.from_config(cfg)
     assert model.conv_out.out_channels == 6 and model.image_channels == 3
     assert UNet.from_config(tiny_config()).conv_out.out_channels == 3
-    x = generate(model.eval(), make_diffusion(timesteps=20, variance="learned_range"), 2,
-                 SampleConfig(sampler="ddpm", ddpm_steps=5), torch.Generator().manual_seed(0), "cpu")
+    sampling = Sampling(model.eval(), make_diffusion(timesteps=20, variance="learned_range"),
+                        SampleConfig(sampler="ddpm", ddpm_steps=5), "cpu")
+    x = generate(sampling, 2, torch.Generator().manual_seed(0))
     assert x.shape == (2, 3, 16, 16)
 
 
@@ -135,7 +140,6 @@ def test_learned_range_model_has_twice_the_output_channels():
 def test_hybrid_loss_against_float64(objective):
     """L_hybrid = mse + vlb_weight T L_t, with L_t computed here in float64 from the closed forms (KL of two
     Gaussians; at t = 0 the discretised decoder with scipy-free erf), and the mean's gradient stopped in L_t."""
-    import math
     d = make_diffusion(timesteps=T, variance="learned_range", objective=objective, vlb_weight=0.01)
     model = LearnedRangeStandIn(d.alphas_cumprod64, objective)
     g = torch.Generator().manual_seed(1)
@@ -194,22 +198,17 @@ def test_an_old_checkpoint_samples_with_ddpm_as_it_did():
     path = os.path.join(LEGACY, "legacy_tiny.pt")
     assert "vlb_weight" not in torch.load(path, weights_only=True)["config"]["diffusion"]
     for variance in ("fixed_large", "fixed_small"):
-        cfg, model, diffusion = model_from_checkpoint(load_checkpoint(path), "cpu",
-                                                      overrides=[f"diffusion.variance={variance}"])
-        s = SampleConfig(**{**vars(cfg.sample), "sampler": "ddpm", "precision": "fp32"})
-        x = generate(model, diffusion, 2, s, torch.Generator().manual_seed(3), "cpu")
+        loaded = load_for_use(path, "cpu", overrides=[f"diffusion.variance={variance}"])
+        sample_cfg = SampleConfig(**{**vars(loaded.cfg.sample), "sampler": "ddpm", "precision": "fp32"})
+        sampling = Sampling(loaded.model, loaded.diffusion, sample_cfg, "cpu")
+        x = generate(sampling, 2, torch.Generator().manual_seed(3))
         assert (x - expected[f"ddpm_{variance}"]).abs().max() < 2e-6, variance
     with torch.no_grad():
-        loss = diffusion.loss(model, expected["x0"], t=expected["t"], noise=expected["noise"])
+        loss = loaded.diffusion.loss(loaded.model, expected["x0"], t=expected["t"], noise=expected["noise"])
     assert (loss - expected["loss"]).abs() < 1e-6
 
 
 def test_steps_flag_respaces_ddpm_only_when_ddpm_samples():
-    from argparse import Namespace
-
-    from ddpm.cli import SAMPLER_FLAGS, sampler_overrides
-    from evaluate import sampler_tag
-
     def overrides(**given):
         return sampler_overrides(Namespace(**{**dict.fromkeys(SAMPLER_FLAGS), **given}))
     assert overrides(sampler="ddpm", steps=50) == ["sample.sampler=ddpm", "sample.steps=50", "sample.ddpm_steps=50"]

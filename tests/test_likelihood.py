@@ -56,18 +56,19 @@ def test_prior_term_by_hand():
 
 
 class ExactGaussianModel(torch.nn.Module):
-    """The true reverse process of x_0 ~ N(mu, s^2) as a learned-range network: eps = E[eps | x_t] (GaussianEps), and
-    v such that Sigma_t is the true Var[x_{t-1} | x_t] = beta-tilde_t + coef1_t^2 Var[x_0 | x_t] (at t = 0 the
-    decoder's Var[x_0 | x_1]), Var[x_0 | x_t] = s^2 sigma_t^2 / (abar_t s^2 + sigma_t^2); float64 from the ref."""
+    """The true reverse process of x_0 ~ N(mu, std^2) as a learned-range network: eps = E[eps | x_t] (GaussianEps),
+    and v such that Sigma_t is the true Var[x_{t-1} | x_t] = beta-tilde_t + coef1_t^2 Var[x_0 | x_t] (at t = 0 the
+    decoder's Var[x_0 | x_1]), Var[x_0 | x_t] = std^2 sigma_t^2 / (abar_t std^2 + sigma_t^2); float64 from the
+    ref."""
 
     num_classes = None
 
-    def __init__(self, T, mu, s, beta_end):
+    def __init__(self, T, mu, std, beta_end):
         super().__init__()
         ref = ref_schedule(ref_linear_betas(T, 1e-4, beta_end))
         abar, betas = ref["alphas_cumprod"], ref["betas"]
-        self.eps = GaussianEps(abar, mu, s)
-        var_x0 = s * s * (1 - abar) / (abar * s * s + 1 - abar)
+        self.eps = GaussianEps(abar, mu, std)
+        var_x0 = std * std * (1 - abar) / (abar * std * std + 1 - abar)
         var = ref["posterior_variance"] + ref["posterior_mean_coef1"] ** 2 * var_x0
         lo = np.log(np.append(ref["posterior_variance"][1], ref["posterior_variance"][1:]))
         self.v = torch.tensor(2 * (np.log(var) - lo) / (np.log(betas) - lo) - 1)
@@ -76,15 +77,15 @@ class ExactGaussianModel(torch.nn.Module):
         return torch.cat([self.eps(x, t), self.v[t].reshape(-1, 1, 1, 1).expand_as(x).float()], dim=1)
 
 
-def quantised_gaussian(n, mu, s, seed):
-    """n images (3 x 4 x 4) of N(mu, s^2) pixels put on the nearest of the 256 levels, and each image's true NLL in
+def quantised_gaussian(n, mu, std, seed):
+    """n images (3 x 4 x 4) of N(mu, std^2) pixels put on the nearest of the 256 levels, and each image's true NLL in
     bits/dim: -log2 of the normal mass of its pixels' bins (the edge bins open), averaged over the pixels."""
     g = torch.Generator().manual_seed(seed)
-    x = ((mu + s * torch.randn(n, 3, 4, 4, generator=g, dtype=torch.float64) + 1) * 127.5).round().clamp(0, 255)
+    x = ((mu + std * torch.randn(n, 3, 4, 4, generator=g, dtype=torch.float64) + 1) * 127.5).round().clamp(0, 255)
     x = x / 127.5 - 1
     phi = lambda z: 0.5 * (1 + torch.special.erf(z / math.sqrt(2)))  # noqa: E731
-    upper = torch.where(x > 0.999, torch.ones_like(x), phi((x + 1 / 255 - mu) / s))
-    lower = torch.where(x < -0.999, torch.zeros_like(x), phi((x - 1 / 255 - mu) / s))
+    upper = torch.where(x > 0.999, torch.ones_like(x), phi((x + 1 / 255 - mu) / std))
+    lower = torch.where(x < -0.999, torch.zeros_like(x), phi((x - 1 / 255 - mu) / std))
     return x.float(), -torch.log2(upper - lower).flatten(1).mean(1)
 
 
@@ -94,17 +95,18 @@ def test_bound_of_the_exact_model_of_gaussian_data_is_just_above_its_nll():
     bin)), 6e-4 nats for a bin of width 2/255 against the 1e-2 wide q(x_1 | x_0), plus the prior (1e-5); both up to
     5 standard errors of the per-image differences. (Data with mass beyond [-1, 1] would add much more: the edge
     bins are wide, so x_1 given the bin is far from x_1 given the level; N(0.1, 0.25^2) puts 2e-4 of it there.)"""
-    T, mu, s, end = 400, 0.1, 0.25, 0.05  # T = 400 to keep it short; the betas still take x_T to noise
+    T, mu, std, end = 400, 0.1, 0.25, 0.05  # T = 400 to keep it short; the betas still take x_T to noise
     d = make_diffusion(timesteps=T, variance="learned_range", clip_denoised=False, beta_end=end)
-    x0, true_bits = quantised_gaussian(256, mu, s, seed=0)
-    bound = image_bound(d, ExactGaussianModel(T, mu, s, end), x0, generator=torch.Generator().manual_seed(1))
+    x0, true_bits = quantised_gaussian(256, mu, std, seed=0)
+    bound = image_bound(d, ExactGaussianModel(T, mu, std, end), x0, generator=torch.Generator().manual_seed(1))
     diff = bound.bits_per_dim - true_bits
     se = diff.std().item() / math.sqrt(len(diff))
     assert -5 * se <= diff.mean().item() < 0.01 + 5 * se, (diff.mean().item(), se)
     assert 0.5 < true_bits.mean() < 8  # an NLL of a few bits per pixel: the test is not trivial
     # a fixed variance with the same mean is a bound too, and a looser one (DDPM's 3.75 vs improved DDPM's 2.94)
     fixed = make_diffusion(timesteps=T, variance="fixed_small", clip_denoised=False, beta_end=end)
-    loose = image_bound(fixed, ExactGaussianModel(T, mu, s, end).eps, x0, generator=torch.Generator().manual_seed(1))
+    loose = image_bound(fixed, ExactGaussianModel(T, mu, std, end).eps, x0,
+                        generator=torch.Generator().manual_seed(1))
     assert loose.bits_per_dim.mean() > bound.bits_per_dim.mean() + 0.01
 
 

@@ -7,12 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusion_refs import ref_cosine_betas, ref_linear_betas, ref_schedule
-from helpers import CONFIG, TINY
+from helpers import CONFIG, TINY, tiny_trainer
 
 from config import ConfigError, load_config
-from dataset import build_dataset
 from ddpm.loss_weights import LossAwareSampler, min_snr_weights
-from ddpm.training_step import Trainer
 
 
 def ref_min_snr(betas, gamma, objective):
@@ -41,11 +39,6 @@ def test_min_snr_weights_against_the_formulas(objective, gamma, schedule):
     np.testing.assert_allclose(in_x0_units, np.minimum(snr, gamma), rtol=1e-10)
 
 
-def make_trainer(*overrides):
-    cfg = load_config(CONFIG, [*TINY, *overrides])
-    return Trainer(cfg, torch.device("cpu"), 0, 1, build_dataset(cfg.data), print)
-
-
 def batch(trainer, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(6, 3, 8, 8, generator=g) * 2 - 1
@@ -55,7 +48,7 @@ def batch(trainer, seed=0):
 
 @pytest.mark.parametrize("objective", ["eps", "x0", "v"])
 def test_training_loss_is_the_min_snr_weighted_mean(objective):
-    trainer = make_trainer(f"diffusion.objective={objective}", "train.snr_gamma=5")
+    trainer = tiny_trainer(f"diffusion.objective={objective}", "train.snr_gamma=5")
     torch.nn.init.normal_(trainer.model.conv_out.weight, std=0.05)
     x, t, noise = batch(trainer)
     loss, _ = trainer.batch_loss(x, None, t, noise)
@@ -74,7 +67,7 @@ def test_training_loss_is_the_min_snr_weighted_mean(objective):
 
 
 def test_no_snr_gamma_leaves_the_loss_unchanged():
-    trainer = make_trainer()
+    trainer = tiny_trainer()
     torch.nn.init.normal_(trainer.model.conv_out.weight, std=0.05)
     x, t, noise = batch(trainer)
     loss, per_example = trainer.batch_loss(x, None, t, noise)

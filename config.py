@@ -113,6 +113,22 @@ class SampleConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Progressive distillation (Salimans & Ho 2022; distill.py): the student learns in one DDIM step two DDIM steps
+    of its teacher, then teaches the next round with half the steps, from start_steps down to steps. train.lr,
+    train.batch_size, train.max_steps, train.warmup_steps and train.ema_decay come from here (the rest of the train
+    section, e.g. log_every, save_every, precision, seed, is the training run's)."""
+    start_steps: int = 512          # DDIM steps of the first teacher (the paper starts at 1024 to 8192 steps)
+    steps: int = 4                  # K: the student's steps at the end; start_steps / 2^rounds
+    updates: int = 50_000           # optimiser steps per halving (the paper's CIFAR-10 setting)
+    lr: float = 1e-4                # Adam, decayed linearly to 0 within each round
+    batch_size: int = 128
+    ema_decay: float = 0.0          # 0: no EMA (the student of a round is its raw weights)
+    objective: Literal["v", "x0"] = "v"  # what the student predicts (an eps student breaks at few steps)
+    weighting: Literal["truncated_snr", "snr_plus_one"] = "truncated_snr"  # max(SNR, 1) or SNR + 1, on the x_0 error
+
+
+@dataclass
 class Config:
     name: str = "cifar10"
     data: DataConfig = field(default_factory=DataConfig)
@@ -120,6 +136,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.type)}
@@ -233,6 +250,8 @@ RANGES = {
     "train.cond_drop_prob": FRACTION, "train.fid_every": AT_LEAST_0, "train.fid_samples": Range(2),
     "sample.steps": AT_LEAST_1, "sample.eta": Range(0, 1), "sample.order": Range(1, 3), "sample.n": AT_LEAST_1,
     "sample.batch_size": AT_LEAST_1, "sample.seed": SEED, "sample.guidance_scale": Range(None),
+    "distill.start_steps": Range(2), "distill.steps": AT_LEAST_1, "distill.updates": AT_LEAST_1,
+    "distill.lr": POSITIVE, "distill.batch_size": AT_LEAST_1, "distill.ema_decay": FRACTION,
 }
 
 
@@ -292,6 +311,21 @@ def _validate_sample(s: SampleConfig, timesteps: int, conditional: bool) -> None
     _check(conditional or s.guidance_scale == 1.0,
            f"sample.guidance_scale={s.guidance_scale} (--guidance-scale) needs a class-conditional or text-conditional "
            "model; this one has model.num_classes and model.text_encoder null (trained without labels or captions)")
+
+
+def check_distill(cfg: Config) -> int:
+    """The rules between distill's fields and the teacher's config (distill.py only: a training config need not
+    allow a distillation); returns the number of rounds (halvings) from distill.start_steps to distill.steps."""
+    d, timesteps = cfg.distill, cfg.diffusion.timesteps
+    _check(d.start_steps <= timesteps, f"distill.start_steps={d.start_steps} must be at most the teacher's "
+           f"diffusion.timesteps={timesteps}")
+    halvings = [d.start_steps >> r for r in range(1, d.start_steps.bit_length()) if d.start_steps % (1 << r) == 0]
+    _check(d.steps in halvings, f"distill.steps={d.steps} (--steps) is not reached by halving distill.start_steps="
+           f"{d.start_steps}: it must be one of {', '.join(map(str, halvings))}" if halvings else
+           f"distill.start_steps={d.start_steps} is odd: it cannot be halved; give a power-of-two multiple of --steps")
+    _check(d.batch_size % cfg.train.grad_accum == 0, f"distill.batch_size={d.batch_size} must be divisible by "
+           f"train.grad_accum={cfg.train.grad_accum}")
+    return (d.start_steps // d.steps).bit_length() - 1
 
 
 def check_batch_split(train: TrainConfig, world: int = 1) -> None:

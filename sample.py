@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dataset import build_dataset
-from ddpm import edit_flags, edit_runs
+from ddpm import distillation, edit_flags, edit_runs
 from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
 from ddpm.cli import (
     ArgumentParser,
@@ -148,6 +148,8 @@ def load_model(args, device):
     flags = sampler_overrides(args) + ([f"sample.n={args.n}"] if args.n is not None else [])
     cfg, model, diffusion = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema,
                                                   overrides=args.overrides + flags)
+    if warning := distillation.sampler_warning(ckpt, cfg.sample):  # a student asked for other steps than its own
+        print(warning)
     return cfg, model, diffusion, ckpt.get("text")
 
 

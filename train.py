@@ -60,24 +60,29 @@ class TrainingRun:
         while trainer.step < tc.max_steps:
             loss, grad_norm = (trainer.train_step_with_compile_fallback() if trainer.step == first
                                else trainer.train_step())
-            self.loss_sum, self.logged_steps = self.loss_sum + loss, self.logged_steps + 1
-            agreed_signal = self.log(grad_norm) if self.due(tc.log_every) else 0
-            if self.runlog:
-                self.runlog.advance(trainer.step)
-                if self.due(tc.sample_every):
-                    self.sample_grid()
-                if tc.fid_every and trainer.step % tc.fid_every == 0:
-                    self.log_fid()
-            # one process stops at once; several stop only on the signal they agreed on at a log step
-            signum = self.stop_signal.signum if self.world == 1 else agreed_signal
-            if (self.due(tc.save_every) or signum) and trainer.step != self.saved_step:
-                self.save()
-            if signum:
-                self.stop(signum)
+            self.after_step(loss, grad_norm)
         if self.runlog:
             self.runlog.write_files()
             print(f"done: {tc.max_steps} steps; checkpoint {self.ckpt_dir}/last.pt, outputs in {self.out_dir}/")
         wait_for_all(self.world)
+
+    def after_step(self, loss, grad_norm) -> None:
+        """Log, draw, score and save when due; stop on a signal."""
+        tc, trainer = self.cfg.train, self.trainer
+        self.loss_sum, self.logged_steps = self.loss_sum + loss, self.logged_steps + 1
+        agreed_signal = self.log(grad_norm) if self.due(tc.log_every) else 0
+        if self.runlog:
+            self.runlog.advance(trainer.step)
+            if self.due(tc.sample_every):
+                self.sample_grid()
+            if tc.fid_every and trainer.step % tc.fid_every == 0:
+                self.log_fid()
+        # one process stops at once; several stop only on the signal they agreed on at a log step
+        signum = self.stop_signal.signum if self.world == 1 else agreed_signal
+        if (self.due(tc.save_every) or signum) and trainer.step != self.saved_step:
+            self.save()
+        if signum:
+            self.stop(signum)
 
     def due(self, every: int) -> bool:
         return self.trainer.step % every == 0 or self.trainer.step == self.cfg.train.max_steps

@@ -88,7 +88,7 @@ class Trainer:
         opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
         self.opt = opt_cls(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                            fused=device.type == "cuda")
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, tc))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.schedule_factor)
         self.amp_dtype = autocast_dtype(tc.precision, device)
         # Always a scaler: its on-device found_inf check skips a non-finite step without a host sync.
         # Only fp16 needs real loss scaling; otherwise the scale is pinned to 1 after each update.
@@ -129,7 +129,7 @@ class Trainer:
         tc = self.cfg.train
         for group in self.opt.param_groups:
             group.update(initial_lr=tc.lr, weight_decay=tc.weight_decay, fused=self.device.type == "cuda",
-                         lr=tc.lr * lr_factor(self.sched.last_epoch, tc))
+                         lr=tc.lr * self.schedule_factor(self.sched.last_epoch))
         self.sched.base_lrs = [tc.lr] * len(self.opt.param_groups)
 
     def train_step(self):
@@ -138,8 +138,7 @@ class Trainer:
         x, y = next(self.batches)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        timesteps, noise, drop = step_randomness(self.gen, cfg, self.step, x.shape[1:], self.rank, self.world,
-                                                 self.device, self.conditional)
+        timesteps, noise, drop = self.randomness(x.shape[1:])
         # dropout masks from (seed, rank, step): exact on resume on every rank, and different across ranks
         torch.manual_seed(stream_seed("dropout", cfg.train.seed, self.rank, self.step))
         y = self.condition(y, drop)
@@ -151,8 +150,7 @@ class Trainer:
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
-                    loss = self.diffusion.loss(self.net, x[part], None if y is None else y[part],
-                                               timesteps[part], noise[part]) / accum
+                    loss = self.loss(x[part], None if y is None else y[part], timesteps[part], noise[part]) / accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         grad_norm = self._optimiser_step()
@@ -162,6 +160,19 @@ class Trainer:
         self.bad_total += (~finite).long()
         self.step += 1
         return total, grad_norm
+
+    def schedule_factor(self, step: int) -> float:
+        """The learning rate of optimiser step `step`, as a fraction of train.lr (lr_factor)."""
+        return lr_factor(step, self.cfg.train)
+
+    def randomness(self, shape):
+        """This step's (timesteps, noise, label-drop mask) for this rank (step_randomness)."""
+        return step_randomness(self.gen, self.cfg, self.step, shape, self.rank, self.world, self.device,
+                               self.conditional)
+
+    def loss(self, x, y, timesteps, noise):
+        """The loss of a micro-batch: L_simple of the network (GaussianDiffusion.loss)."""
+        return self.diffusion.loss(self.net, x, y, timesteps, noise)
 
     def condition(self, y, drop=None):
         """The network's condition for the batch's labels y: None (unconditional), the labels, or the encodings of

@@ -301,7 +301,8 @@ OUT_OF_RANGE = {
     "train.seed": -3, "train.log_every": 0, "train.save_every": 0, "train.sample_every": 0, "train.sample_n": 0,
     "train.keep_last": -1, "train.num_workers": -1, "train.max_nonfinite": 0, "train.cond_drop_prob": 1.0,
     "train.fid_every": -1, "train.fid_samples": 1, "sample.steps": 0, "sample.eta": 1.5, "sample.order": 4,
-    "sample.n": 0, "sample.batch_size": 0, "sample.seed": -1,
+    "sample.n": 0, "sample.batch_size": 0, "sample.seed": -1, "distill.start_steps": 1, "distill.steps": 0,
+    "distill.updates": 0, "distill.lr": 0, "distill.batch_size": 0, "distill.ema_decay": 1.0,
 }
 
 

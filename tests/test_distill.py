@@ -176,6 +176,7 @@ UPDATES = 24
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """The tiny network trained with eps-prediction (cosine, T = 100) for 60 steps."""
+    torch.set_num_threads(1)  # module fixtures run before conftest's one-thread fixture
     return trained_tiny_checkpoint(tmp_path_factory.mktemp("teacher") / "teacher.pt", steps=60)
 
 

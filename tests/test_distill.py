@@ -253,30 +253,30 @@ def test_sample_uses_the_distilled_steps_and_warns_on_others(distilled, tmp_path
 
 
 def test_resume_after_an_interrupt_mid_round_is_exact(teacher, tmp_path, monkeypatch):
-    """Two rounds (8 -> 4 -> 2) of 6 updates, saved every 3: a run stopped by an exception in step 10 (round 2; the
-    last save was at step 9) and run again ends with the same losses, student, teacher and Adam state as one
-    uninterrupted run."""
-    args = ["--teacher", teacher, "--steps", "2", *FAST, "distill.updates=6", "train.save_every=3",
+    """Two rounds (8 -> 4 -> 2) of 4 updates, saved every 3: a run stopped by an exception in step 8 (round 2; the
+    last save was after step 6, in round 2) and run again ends with the same losses, student, teacher and Adam state
+    as one uninterrupted run."""
+    args = ["--teacher", teacher, "--steps", "2", *FAST, "distill.updates=4", "train.save_every=3",
             "model.dropout=0.1"]
     monkeypatch.chdir(tmp_path)
     distill.main([*args, "--name", "whole"])
     real_step = distillation.DistillTrainer.train_step
 
-    def step_until_10(self):
-        if self.step == 9:
-            raise KeyboardInterrupt  # as a kill: nothing saved after step 9
+    def step_until_8(self):
+        if self.step == 7:
+            raise KeyboardInterrupt  # as a kill: nothing saved after step 6
         return real_step(self)
-    monkeypatch.setattr(distillation.DistillTrainer, "train_step", step_until_10)
+    monkeypatch.setattr(distillation.DistillTrainer, "train_step", step_until_8)
     with pytest.raises(SystemExit) as e:
         distill.main([*args, "--name", "cut"])
     assert e.value.code == 130
-    assert load_checkpoint("checkpoints/cut/last.pt")["step"] == 9
+    assert load_checkpoint("checkpoints/cut/last.pt")["step"] == 6
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     distill.main([*args, "--name", "cut"])
     assert read_losses(tmp_path, "whole") == read_losses(tmp_path, "cut")
     a, b = (load_checkpoint(f"checkpoints/{n}/last.pt") for n in ("whole", "cut"))
-    assert a["step"] == b["step"] == 12
+    assert a["step"] == b["step"] == 8
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert all(torch.equal(a["distill_state"]["teacher"][k], b["distill_state"]["teacher"][k]) for k in a["model"])

@@ -52,7 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=32, help="images for the RMS distances (one batch, the same x_T)")
     p.add_argument("--kid", type=int, default=0, help="samples for KID against the data (0: none)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", f"distill-{datetime.date.today()}"))
+    p.add_argument("--dir", default=ROOT, help="where distill.py's checkpoints/ and results/ go")
     args = p.parse_args(argv)
+    args.teacher, args.out = os.path.abspath(args.teacher), os.path.abspath(args.out)
     args.steps = sorted({int(v) for v in args.steps.split(",")}, reverse=True)
     return args
 
@@ -138,7 +140,7 @@ def main(argv=None):
                  f"distill.batch_size={args.batch_size}", f"distill.lr={args.lr}", "train.log_every=25",
                  f"train.save_every={args.updates}", "train.sample_every=1000000", "train.num_workers=0"]
     t0 = time.perf_counter()
-    os.chdir(ROOT)
+    os.chdir(args.dir)
     distill.main(["--teacher", args.teacher, "--steps", str(K), "--name", args.name, *overrides])
     folder = os.path.join("checkpoints", args.name)
     students = {k: load_checkpoint(os.path.join(folder, f"student_{k}steps.pt")) for k in args.steps}

@@ -2,6 +2,7 @@
 of Gaussian data at the rate gradient descent promises, the loss of a tiny eps teacher's student, exact resume, the
 checkpoints sample.py reads, bad input."""
 import csv
+import json
 import math
 import os
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusion_refs import GaussianEps, assert_close64, ref_linear_betas, ref_schedule
-from helpers import fails_in_process, files_in, make_diffusion, trained_tiny_checkpoint
+from helpers import ROOT, fails_in_process, files_in, make_diffusion, run_script, trained_tiny_checkpoint
 
 import distill
 import model
@@ -310,3 +311,16 @@ def test_missing_teacher_and_changed_settings(distilled, teacher, monkeypatch, c
     err = fails_in_process(capsys, distill.main, "--teacher", teacher, "--steps", "4", "--name", "d", *FAST,
                            "distill.updates=50")
     assert f"distill.updates: {UPDATES} then, 50 now" in err
+
+
+def test_bench_runs_end_to_end(teacher, tmp_path):
+    """bench/distill_bench.py on the tiny teacher: one round of 2 updates, the distances and the round's time."""
+    out = tmp_path / "distill-bench"
+    proc = run_script([os.path.join(ROOT, "bench", "distill_bench.py"), "--teacher", teacher, "--start-steps", "4",
+                       "--steps", "2", "--updates", "2", "--batch-size", "4", "--n", "2", "--out", str(out),
+                       "--dir", str(tmp_path)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "distill-bench.json").read_text())["rows"]
+    assert row["K"] == 2 and len(row["seconds"]) == 1
+    assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("student", "teacher_ddim_1K", "teacher_dpmpp_2K"))
+    assert "| 2 |" in (tmp_path / "distill-bench.md").read_text()

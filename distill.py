@@ -20,8 +20,8 @@ from ddpm.checkpoint import check_same_architecture, load_checkpoint, save_check
 from ddpm.cli import ArgumentParser, StopSignal, cli
 from ddpm.distillation import DistillTrainer, round_checkpoint, round_grid, student_config
 from ddpm.distributed import close_distributed, setup_distributed
+from ddpm.training_run import RunPaths, TrainingRun, is_run_name, load_data, open_runlog
 from diffusion import GaussianDiffusion
-from train import TrainingRun, is_run_name, load_data, open_runlog
 from utils import FolderLock, UserError, check_writable, enable_tf32
 
 
@@ -41,8 +41,8 @@ class DistillRun(TrainingRun):
     """TrainingRun over the rounds: at the end of each a sample grid with the round's steps, the round's checkpoint
     and last.pt; the progress bar names the round."""
 
-    def __init__(self, trainer, ckpt_dir, out_dir, runlog, stop):
-        super().__init__(trainer, ckpt_dir, out_dir, runlog, stop)
+    def __init__(self, trainer, paths: RunPaths, runlog, stop):
+        super().__init__(trainer, paths, runlog, stop)
         self.clock = time.perf_counter()
         self.describe()
 
@@ -83,8 +83,8 @@ class DistillRun(TrainingRun):
 
 
 def load_run(args):
-    """(student config of round 0, run name, checkpoint folder, results folder, teacher checkpoint,
-    the run's last.pt or None), every check done before anything is written."""
+    """(student config of round 0, the run's paths, teacher checkpoint, the run's last.pt or None), every check done
+    before anything is written."""
     if args.name is not None and not is_run_name(args.name):
         raise UserError(f"--name '{args.name}' is a run name, not a path: no '/', '\\', or a name of dots")
     teacher = load_checkpoint(args.teacher)
@@ -96,31 +96,36 @@ def load_run(args):
     for r in range(rounds):
         round_grid(abar, cfg.distill.start_steps >> r, cfg.sample.spacing)
     name = args.name or f"{cfg.name}-distill{cfg.distill.steps}"
-    ckpt_dir, out_dir = os.path.join("checkpoints", name), os.path.join("results", name)
+    ckpt_dir = os.path.join("checkpoints", name)
     last = os.path.join(ckpt_dir, "last.pt")
     resume = load_checkpoint(last) if os.path.exists(last) else None
     if resume is not None:
-        if "distill_state" not in resume:
-            raise UserError(f"{last} is not a distillation run's checkpoint; give another --name")
-        saved, now = resume["config"]["distill"], to_dict(cfg)["distill"]
-        diffs = [f"distill.{k}: {saved.get(k)!r} then, {v!r} now" for k, v in now.items() if saved.get(k) != v]
-        if diffs:
-            raise UserError(f"run '{name}' was started with other settings ({'; '.join(diffs)}); give the same "
-                            "ones to resume, or a new --name")
-    return student_config(cfg, name, rounds, 0), name, ckpt_dir, out_dir, teacher, resume
+        check_same_run(resume, cfg, last, name)
+    paths = RunPaths(name, ckpt_dir, os.path.join("results", name), last if resume is not None else None)
+    return student_config(cfg, name, rounds, 0), paths, teacher, resume
 
 
-def run(args, rank, world, device):
-    cfg, name, ckpt_dir, out_dir, teacher, resume = load_run(args)
-    check_batch_split(cfg.train, world)
+def check_same_run(resume: dict, cfg, last: str, name: str) -> None:
+    """The run's last.pt is a distillation's, started with these distill settings."""
+    if "distill_state" not in resume:
+        raise UserError(f"{last} is not a distillation run's checkpoint; give another --name")
+    saved, now = resume["config"]["distill"], to_dict(cfg)["distill"]
+    diffs = [f"distill.{k}: {saved.get(k)!r} then, {v!r} now" for k, v in now.items() if saved.get(k) != v]
+    if diffs:
+        raise UserError(f"run '{name}' was started with other settings ({'; '.join(diffs)}); give the same "
+                        "ones to resume, or a new --name")
+
+
+def run(args, process):
+    cfg, paths, teacher, resume = load_run(args)
+    check_batch_split(cfg.train, process.world)
     with contextlib.ExitStack() as stack:
-        if rank == 0:
-            stack.enter_context(FolderLock(ckpt_dir, "distillation run"))
-            for folder in (ckpt_dir, out_dir):
+        if process.rank == 0:
+            stack.enter_context(FolderLock(paths.ckpt_dir, "distillation run"))
+            for folder in (paths.ckpt_dir, paths.out_dir):
                 check_writable(folder, folder=True)
-        enable_tf32(device)
-        trainer = DistillTrainer(cfg, device, rank, world, load_data(cfg, rank, world), teacher,
-                                 os.path.abspath(args.teacher))
+        enable_tf32(process.device)
+        trainer = DistillTrainer(cfg, process, load_data(cfg, process), teacher, os.path.abspath(args.teacher))
         del teacher
         if resume is not None:
             trainer.load_state_dict(resume)
@@ -128,21 +133,19 @@ def run(args, rank, world, device):
         del resume
         stack.callback(trainer.release)
         stop = stack.enter_context(StopSignal())
-        last = os.path.join(ckpt_dir, "last.pt")
-        runlog = (stack.enter_context(open_runlog(trainer.cfg, trainer, ckpt_dir, out_dir,
-                                                  last if history is not None else None, history))
-                  if rank == 0 else None)
-        DistillRun(trainer, ckpt_dir, out_dir, runlog, stop).loop()
+        runlog = (stack.enter_context(open_runlog(trainer.cfg, trainer, paths, history))
+                  if process.rank == 0 else None)
+        DistillRun(trainer, paths, runlog, stop).loop()
 
 
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args.device)
+    process = setup_distributed(args.device)
     try:
-        run(args, rank, world, device)
+        run(args, process)
     finally:
-        close_distributed(world)
+        close_distributed(process.world)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ sys.path[:0] = [ROOT]
 import distill  # noqa: E402
 from ddpm.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from ddpm.cli import ArgumentParser, cli  # noqa: E402
-from ddpm.generation import batch_generator, generate  # noqa: E402
+from ddpm.generation import Sampling, batch_generator, generate  # noqa: E402
 from ddpm.images import to_uint8  # noqa: E402
 from ddpm.metrics import (  # noqa: E402
     REF_CACHE,
@@ -63,8 +63,8 @@ def samples(ckpt, n, sampler, steps, seed=0):
     """n images of a checkpoint with DDIM or DPM-Solver++(2M) and `steps` steps, x_T from (seed, 0, n): every
     call with the same n and seed starts from the same x_T."""
     cfg, model, diffusion = model_from_checkpoint(ckpt, "cpu")
-    s = dataclasses.replace(cfg.sample, sampler=sampler, steps=steps, eta=0.0, order=2, precision="fp32")
-    return generate(model, diffusion, n, s, batch_generator(seed, 0, n, "cpu"), "cpu")
+    sample_cfg = dataclasses.replace(cfg.sample, sampler=sampler, steps=steps, eta=0.0, order=2, precision="fp32")
+    return generate(Sampling(model, diffusion, sample_cfg, "cpu"), n, batch_generator(seed, 0, n, "cpu"))
 
 
 def rms(x, ref) -> float:
@@ -125,7 +125,7 @@ def table(rows, seconds) -> str:
     for r in rows:
         if "student" not in r:
             continue
-        cells = [r.get(f"teacher_{s}_{m}K") for s in ("ddim", "dpmpp") for m in (1, 2, 4)]
+        cells = [r.get(f"teacher_{sampler}_{m}K") for sampler in ("ddim", "dpmpp") for m in (1, 2, 4)]
         lines.append(f"| {r['K']} | {r['student']:.4f} | " + " | ".join("-" if c is None else f"{c:.4f}"
                                                                           for c in cells)
                      + f" | {seconds.get(r['K'], float('nan')):.0f} |")

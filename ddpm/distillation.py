@@ -21,7 +21,7 @@ from ddpm.batches import stream_seed
 from ddpm.checkpoint import load_weights
 from ddpm.samplers import spaced_timesteps
 from ddpm.training_step import Trainer
-from diffusion import GaussianDiffusion
+from diffusion import GaussianDiffusion, per_image
 from utils import UserError
 
 # ---- the math of a round -------------------------------------------------------------------------------------
@@ -81,11 +81,6 @@ def round_table(alphas_cumprod64, grid: list[int], weighting: str, device=None) 
                       f32(ratio / denominator), f32(weight))
 
 
-def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, 1, 1), to scale a batch of images."""
-    return v.reshape(-1, *[1] * (like.ndim - 1))
-
-
 @torch.no_grad()
 def x0_target(diffusion, denoise, x_t, table: RoundTable, i):
     """The student's x_0 target x~ at student positions i (B,): two DDIM steps (eta = 0) of the teacher, z_t ->
@@ -93,13 +88,14 @@ def x0_target(diffusion, denoise, x_t, table: RoundTable, i):
     from t lands on z_t'':  alpha_t'' x~ + (sigma_t''/sigma_t)(z_t - alpha_t x~) = z_t''."""
     z_mid, _ = diffusion.ddim_step(denoise, x_t, table.t[i], table.t_mid[i], 0.0, 0.0)  # eta = 0: no noise
     z_next, _ = diffusion.ddim_step(denoise, z_mid, table.t_mid[i], table.t_next[i], 0.0, 0.0)
-    return bcast(table.target_z2[i], x_t) * z_next.float() - bcast(table.target_zt[i], x_t) * x_t.float()
+    z2, zt = per_image(table.target_z2[i], x_t.ndim), per_image(table.target_zt[i], x_t.ndim)  # (B, 1, 1, 1)
+    return z2 * z_next.float() - zt * x_t.float()
 
 
 def v_target(x0_tilde, x_t, table: RoundTable, i):
     """x~ in v-space: v~ = alpha_t eps~ - sigma_t x~ with eps~ = (z_t - alpha_t x~)/sigma_t, which is
     v~ = (alpha_t z_t - x~)/sigma_t."""
-    return (bcast(table.alpha[i], x_t) * x_t - x0_tilde) / bcast(table.sigma[i], x_t)
+    return (per_image(table.alpha[i], x_t.ndim) * x_t - x0_tilde) / per_image(table.sigma[i], x_t.ndim)
 
 
 def predicted_x0(objective: str, out, x_t, table: RoundTable, i):
@@ -107,7 +103,7 @@ def predicted_x0(objective: str, out, x_t, table: RoundTable, i):
     route through eps, no division by alpha_t, which is about 0 at the first step."""
     if objective == "x0":
         return out
-    return bcast(table.alpha[i], x_t) * x_t - bcast(table.sigma[i], x_t) * out
+    return per_image(table.alpha[i], x_t.ndim) * x_t - per_image(table.sigma[i], x_t.ndim) * out
 
 
 def distillation_loss(objective: str, out, x0_tilde, x_t, table: RoundTable, i):
@@ -133,9 +129,9 @@ def student_config(cfg, name: str, rounds: int, round_index: int):
                                diffusion=dataclasses.replace(cfg.diffusion, objective=d.objective))
 
 
-def sampler_warning(ckpt: dict, sample_cfg) -> str | None:
-    """A warning when a distilled checkpoint is sampled otherwise than it was distilled for (None when it is not)."""
-    record = ckpt.get("distilled")
+def sampler_warning(record: dict | None, sample_cfg) -> str | None:
+    """A warning when a distilled checkpoint, whose 'distilled' entry is `record` (None: not a student), is sampled
+    otherwise than it was distilled for; None when it is not."""
     if not isinstance(record, dict):
         return None
     asked = (sample_cfg.sampler, sample_cfg.steps, sample_cfg.eta, sample_cfg.spacing)
@@ -154,10 +150,10 @@ class DistillTrainer(Trainer):
     is r * updates + k; a round begins (begin_round) before its first step. `teacher`: the teacher's checkpoint
     (read from teacher_path), whose EMA weights start the student and are the first teacher."""
 
-    def __init__(self, cfg, device, rank, world, dataset, teacher: dict, teacher_path: str):
+    def __init__(self, cfg, process, dataset, teacher: dict, teacher_path: str):
         self.updates, self.rounds = cfg.distill.updates, check_distill(cfg)  # schedule_factor needs them now
         self.teacher_path = teacher_path
-        super().__init__(cfg, device, rank, world, dataset, text_state=teacher.get("text"))
+        super().__init__(cfg, process, dataset, text_state=teacher.get("text"))
         self.teacher = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.teacher_net = torch.compile(self.teacher) if self.compiled else self.teacher
         for module in (self.model, self.ema, self.teacher):
@@ -166,7 +162,7 @@ class DistillTrainer(Trainer):
         self.teacher_diffusion = self._diffusion(self.teacher_objective)
         abar, spacing = self.diffusion.alphas_cumprod64, cfg.sample.spacing
         self.tables = [round_table(abar, round_grid(abar, cfg.distill.start_steps >> r, spacing),
-                                   cfg.distill.weighting, device) for r in range(self.rounds)]
+                                   cfg.distill.weighting, self.device) for r in range(self.rounds)]
         self.seconds = [0.0] * self.rounds  # the time each round took, over every resume
 
     def _diffusion(self, objective: str) -> GaussianDiffusion:
@@ -198,15 +194,17 @@ class DistillTrainer(Trainer):
         self.begin_round()
         return super().train_step()
 
-    def randomness(self, shape):
-        """This rank's slice of the student positions i, the noise and the label-drop mask of step k of round r,
-        drawn over the global batch from a generator seeded by (seed, r, k)."""
+    def randomness(self):
+        """This rank's slice of the student positions i, the noise (images of cfg.data's shape) and the label-drop
+        mask of step k of round r, drawn over the global batch from a generator seeded by (seed, r, k)."""
         r, k = divmod(self.step, self.updates)
-        self.gen.manual_seed(stream_seed("distill", self.cfg.train.seed, r, k))
-        b, gen, device = self.cfg.train.batch_size, self.gen, self.device
+        cfg = self.cfg
+        self.gen.manual_seed(stream_seed("distill", cfg.train.seed, r, k))
+        b, gen, device = cfg.train.batch_size, self.gen, self.device
+        shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
         positions = torch.randint(0, len(self.tables[r].t), (b,), generator=gen, device=device)
         noise = torch.randn((b, *shape), generator=gen, device=device)
-        drop = torch.rand(b, generator=gen, device=device) < self.cfg.train.cond_drop_prob if self.conditional else None
+        drop = torch.rand(b, generator=gen, device=device) < cfg.train.cond_drop_prob if self.conditional else None
         sl = slice(self.rank * b // self.world, (self.rank + 1) * b // self.world)
         return positions[sl], noise[sl], drop[sl] if self.conditional else None
 
@@ -237,7 +235,7 @@ class DistillTrainer(Trainer):
         load_weights(self.teacher, state["teacher"], "the checkpoint's teacher weights")
         self.teacher_round, self.teacher_objective = state["round"], state["objective"]
         self.teacher_diffusion = self._diffusion(self.teacher_objective)
-        self.seconds = [float(s) for s in state["seconds"]]
+        self.seconds = [float(v) for v in state["seconds"]]
         self.cfg = student_config(self.cfg, self.cfg.name, self.rounds, self.model_round())
 
 

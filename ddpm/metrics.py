@@ -22,9 +22,10 @@ import torch
 
 from dataset import build_dataset
 from ddpm.conditions import repeat_to
-from ddpm.generation import sample_batches
+from ddpm.generation import Sampling, sample_batches
 from ddpm.image_cache import folder_signature
 from ddpm.images import to_uint8
+from ddpm.progress import progress
 from utils import UserError, atomic_write, first_line, read_json, thread_map, write_json
 
 # torch-fidelity downloads the weights under the first name, pytorch-fid under the second; the -6726825d
@@ -53,10 +54,10 @@ def feature_stats(features: np.ndarray, chunk: int = 4096):
     return mu, sigma / (n - 1)
 
 
-def psd_sqrt(s: np.ndarray) -> np.ndarray:
+def psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     """The symmetric square root of a symmetric PSD matrix, by eigen-decomposition (tiny negative
     eigenvalues from rounding are set to 0)."""
-    w, v = np.linalg.eigh((s + s.T) / 2)
+    w, v = np.linalg.eigh((matrix + matrix.T) / 2)
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
@@ -212,9 +213,8 @@ def image_batches(ds, batch_size: int, n: int | None = None):
 
 def extract_features(extractor, batches, n: int, desc: str = "features"):
     """Run the extractor over uint8 batches: (features float32 n x D, logits n x K or None)."""
-    from tqdm import tqdm
     features, logits = [], []
-    with tqdm(total=n, unit="img", desc=desc) as bar:
+    with progress(n, desc, "img") as bar:
         for x in batches:
             f, z = extractor(to_rgb(x))
             features.append(np.asarray(f, dtype=np.float32))
@@ -247,11 +247,23 @@ def reference_cache_path(key: dict, cache_dir: str) -> str:
     return os.path.join(cache_dir, f"{label}-{key['image_size']}px-{key['extractor']}-{digest}.npz")
 
 
+def reference_folder(data):
+    """The reference set of a folder as a data set (its files listed, none decoded), with at least 2 images; None
+    for the other sets. Needs no extractor, so a bad --ref-dir is reported before the Inception is looked for."""
+    if data.dataset != "folder":
+        return None
+    ds = build_dataset(data)
+    if len(ds) < 2:
+        raise UserError(f"the reference set ({data.dataset} {data.root}) has {len(ds)} image(s); FID and KID "
+                        "need at least 2")
+    return ds
+
+
 def reference_stats(data, extractor, cache_dir: str, batch_size: int = 500) -> dict:
     """{'mu', 'sigma', 'features' (at most KID_REF_ROWS rows, for KID), 'n'} of the training images of the
     data config `data`, computed once and cached as an .npz in cache_dir; later calls read the cache."""
     name = getattr(extractor, "name", type(extractor).__name__)
-    ds = build_dataset(data) if data.dataset == "folder" else None  # only lists the files
+    ds = reference_folder(data)
     key = reference_key(data, name, ds)
     path = reference_cache_path(key, cache_dir)
     if os.path.isfile(path):
@@ -281,22 +293,23 @@ def reference_stats(data, extractor, cache_dir: str, batch_size: int = 500) -> d
 
 # ---- FID during training, and the records of metrics.json ------------------------------------------------
 
-def fid_of(model, diffusion, cfg, n, device, extractor, cache_dir=REF_CACHE) -> float:
-    """FID of n samples (made in memory with cfg.sample's settings) against the cached statistics of
-    cfg.data: the hook for train.fid_every.
+def fid_of(sampling: Sampling, data_cfg, n: int, extractor, cache_dir=REF_CACHE) -> float:
+    """FID of n samples (made in memory with sampling's settings) against the cached statistics of the data set
+    `data_cfg` (the config's data section): the hook for train.fid_every.
 
     The seed is fixed, so successive calls during training see the same noise, which makes the curve
     smoother. `extractor` is a feature extractor as described at the top (the Inception: load_inception).
     The model is put in eval mode for sampling and given back in the mode it was in."""
     if n < 2:
         raise UserError(f"FID needs at least 2 samples, got n={n}")
-    ref = reference_stats(cfg.data, extractor, cache_dir, batch_size=cfg.sample.batch_size)
+    ref = reference_stats(data_cfg, extractor, cache_dir, batch_size=sampling.sample_cfg.batch_size)
+    model = sampling.model
     num_classes = model.num_classes
     labels = repeat_to(list(range(num_classes)), n) if num_classes else None  # conditional: every class equally
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        batches = sample_batches(model, diffusion, n, cfg.sample, device, labels=labels)
+        batches = sample_batches(sampling, n, labels=labels)
         features, _ = extract_features(extractor, (to_uint8(x) for _, x in batches), n, desc="FID samples")
     finally:
         for m, training in modes:

@@ -54,7 +54,7 @@ def samples_of(ckpt_path, label, guidance, n=64):
     cfg, model, diffusion = model_from_checkpoint(load_checkpoint(str(ckpt_path)), torch.device("cpu"))
     y = None if label is None else torch.full((n,), label, dtype=torch.long)
     s = SampleConfig(sampler="ddim", steps=20, guidance_scale=guidance)
-    return generation.generate(model, diffusion, n, s, torch.Generator().manual_seed(1), "cpu", y)
+    return generation.generate(generation.Sampling(model, diffusion, s, "cpu"), n, torch.Generator().manual_seed(1), y)
 
 
 def test_num_classes_auto_comes_from_the_sub_folders(conditional_run):
@@ -84,7 +84,8 @@ def test_class_label_cli(conditional_run):
     proc = run_script([os.path.join(ROOT, "sample.py"), "--ckpt", path, "--class-label", "all", "--n", "8",
                        "--steps", "5", "--out", "grid.png"], conditional_run)
     assert proc.returncode == 0, proc.stderr
-    assert Image.open(conditional_run / "grid.png").size == (2 + 4 * (SIZE + 2), 2 + 2 * (SIZE + 2))
+    tile = 64  # the images enlarged 64 / SIZE times in the grid (tiles of at least 64 pixels)
+    assert Image.open(conditional_run / "grid.png").size == (2 + 4 * (tile + 2), 2 + 2 * (tile + 2))
     bad = run_script([os.path.join(ROOT, "sample.py"), "--ckpt", path, "--class-label", "2", "--steps", "5"],
                      conditional_run)
     assert_one_line_error(bad, "2", "classes")

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 from diffusion_refs import GaussianEps, assert_close64, ref_linear_betas, ref_schedule
-from helpers import ROOT, fails_in_process, files_in, make_diffusion, run_script, trained_tiny_checkpoint
+from helpers import ROOT, fails_in_process, files_in, make_diffusion, run_sample, run_script, trained_tiny_checkpoint
 
 import distill
 import model
-import sample
 from config import SampleConfig
 from dataset import build_dataset
 from ddpm import distillation
@@ -118,6 +117,17 @@ def test_loss_weightings():
     assert snr.min() < 1 < snr.max()  # both branches of the max are used
 
 
+def exact_v_map64(grid, k, abar64):
+    """(theta*, den, sigma_t) in float64 for student step k of the exact Gaussian teacher: the two DDIM steps give
+    x~ = c z + d, so the v-student (a_i, b_i) with v = a_i z + b_i = (alpha z - x~)/sigma = ((alpha - c) z - d)/sigma
+    is exact at theta* = ((alpha - c)/sigma, -d/sigma); den = alpha_t'' - (sigma_t''/sigma_t) alpha_t."""
+    (a, s), (a2, s2) = alpha_sigma64(abar64, grid[2 * k]), alpha_sigma64(abar64, grid[2 * k + 2])
+    den = a2 - s2 / s * a
+    d, c_plus_d = ((ref_two_steps64(np.float64(z), grid[2 * k:2 * k + 3], abar64, 0.0) - s2 / s * z) / den
+                   for z in (0.0, 1.0))
+    return np.array([(a - (c_plus_d - d)) / s, -d / s]), den, s
+
+
 def test_linear_student_learns_the_two_step_map_of_gaussian_data():
     """On N(mu, s^2) data the exact eps teacher's two DDIM steps are an affine map of z_t, so a v-student
     v = a_i z + b_i per position i can learn it exactly. Full-batch gradient descent with step 1/lambda_max of the
@@ -136,13 +146,7 @@ def test_linear_student_learns_the_two_step_map_of_gaussian_data():
         x0 = MU + S * torch.randn((m, 1, 2, 2), generator=g)
         x_t = student_diffusion.q_sample(x0, table.t[i], torch.randn(x0.shape, generator=g))
         target = x0_target(teacher_diffusion, teacher, x_t, table, i)
-        t, t_next = grid[2 * k], grid[2 * k + 2]
-        (a, s), (a2, s2) = alpha_sigma64(abar64, t), alpha_sigma64(abar64, t_next)
-        den = a2 - s2 / s * a
-        # theta* = the exact affine map x~ = c z + d in float64, as v = (a z - x~)/s = ((a - c) z - d)/s
-        d, c_plus_d = ((ref_two_steps64(np.float64(z), grid[2 * k:2 * k + 3], abar64, 0.0) - s2 / s * z) / den
-                       for z in (0.0, 1.0))
-        theta_star = np.array([(a - (c_plus_d - d)) / s, -d / s])
+        theta_star, den, s = exact_v_map64(grid, k, abar64)
         z = x_t.double().flatten()
         hessian = 2 * table.weight[k].item() * s ** 2 * np.array([[z.square().mean(), z.mean()], [z.mean(), 1.0]])
         lam = np.linalg.eigvalsh(hessian)
@@ -245,12 +249,12 @@ def count_calls(monkeypatch):
 def test_sample_uses_the_distilled_steps_and_warns_on_others(distilled, tmp_path, monkeypatch, capsys):
     ckpt = str(distilled / "checkpoints" / "d" / "last.pt")
     calls = count_calls(monkeypatch)
-    sample.main(["--ckpt", ckpt, "--n", "2", "--out", str(tmp_path / "a.png")])
+    run_sample("--ckpt", ckpt, "--n", 2, "--out", tmp_path / "a.png")
     assert len(calls) == 4 and "warning" not in capsys.readouterr().out
     calls.clear()
-    sample.main(["--ckpt", ckpt, "--n", "2", "--out", str(tmp_path / "b.png"), "--steps", "2"])
+    run_sample("--ckpt", ckpt, "--n", 2, "--out", tmp_path / "b.png", "--steps", 2)
     assert len(calls) == 2 and "distilled for DDIM with 4 steps" in capsys.readouterr().out
-    assert distillation.sampler_warning({}, SampleConfig(steps=7)) is None  # an ordinary checkpoint
+    assert distillation.sampler_warning(None, SampleConfig(steps=7)) is None  # an ordinary checkpoint: no record
 
 
 def test_resume_after_an_interrupt_mid_round_is_exact(teacher, tmp_path, monkeypatch):

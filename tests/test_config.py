@@ -302,6 +302,10 @@ OUT_OF_RANGE = {
     "train.keep_last": -1, "train.num_workers": -1, "train.max_nonfinite": 0, "train.cond_drop_prob": 1.0,
     "train.fid_every": -1, "train.fid_samples": 1, "sample.steps": 0, "sample.eta": 1.5, "sample.order": 4,
     "sample.n": 0, "sample.batch_size": 0, "sample.seed": -1,
+    "autoencoder.latent_channels": 0, "autoencoder.ch": 0, "autoencoder.num_res_blocks": 0,
+    "autoencoder.kl_weight": -1, "autoencoder.perceptual_weight": -1, "autoencoder.disc_weight": -1,
+    "autoencoder.disc_start": -1, "autoencoder.lr": 0, "autoencoder.batch_size": 0, "autoencoder.steps": -1,
+    "latent.encode_batch_size": 0,
 }
 
 

@@ -27,10 +27,11 @@ def smooth(values, fraction=0.05):
 
 
 class RunLog:
-    def __init__(self, results_dir: str, start_step: int, max_steps: int, history: dict | None):
+    def __init__(self, results_dir: str, start_step: int, max_steps: int, history: dict | None,
+                 loss_label: str = "loss (L_simple)"):
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
-        self.dir = results_dir
+        self.dir, self.loss_label = results_dir, loss_label
         self.history = history or {k: [] for k in COLUMNS}
         # purge_step drops events a killed run wrote after its last checkpoint, so curves do not overlap
         self.tb = SummaryWriter(os.path.join(results_dir, "logs"), purge_step=start_step or None)
@@ -72,7 +73,7 @@ class RunLog:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(self.history["step"], self.history["loss"], alpha=0.35, label="loss")
         ax.plot(self.history["step"], smooth(self.history["loss"]), label="smoothed (centred window)")
-        ax.set(xlabel="step", ylabel="loss (L_simple)", yscale="log", title=os.path.basename(self.dir))
+        ax.set(xlabel="step", ylabel=self.loss_label, yscale="log", title=os.path.basename(self.dir))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
         fig.tight_layout()

@@ -3,6 +3,7 @@ diffusion run (latent.autoencoder) trains on.
 
     latents = latent_dataset(dataset, cfg, autoencoder, device)  # a data set of scaled latents, for Batches
     latents.scale_factor                                         # 1 / std of the data's latents, or the config's
+    latents.codec                                                # ddpm/codecs.Codec: the latents <-> images
 
 The cache holds the mean of q(z | x) of every image (LDM trains on draws of q; its encoder's std is tiny after
 training, and the mean keeps the cache half the size), unscaled, with the image each came from. With data.hflip
@@ -18,6 +19,7 @@ import os
 import torch
 from torch.utils.data import Dataset
 
+from ddpm.codecs import Codec
 from ddpm.image_cache import folder_signature
 from ddpm.images import to_float
 from utils import UserError, atomic_write, thread_map
@@ -27,10 +29,10 @@ class LatentDataset(Dataset):
     """Scaled latents (float32 N x c x h x w, in memory) with the labels of their images; ds[i] = (latent, label).
     `images` and `_read` are what ddpm/batches.Batches reads (preloaded or through a DataLoader)."""
 
-    def __init__(self, images, latents, labels, scale_factor: float):
-        """images: the data set (dataset.ImageDataset) the latents are of."""
+    def __init__(self, images, latents, labels, codec: Codec):
+        """images: the data set (dataset.ImageDataset) the latents are of; codec: their autoencoder and scale."""
         self.cfg, self.classes, self.captions = images.cfg, images.classes, images.captions
-        self.images, self.labels, self.scale_factor = latents, labels, scale_factor
+        self.images, self.labels, self.codec, self.scale_factor = latents, labels, codec, codec.scale_factor
         self.files, self.shape = None, tuple(latents.shape[1:])
 
     def __len__(self):
@@ -75,7 +77,7 @@ def latent_dataset(ds, cfg, autoencoder, device) -> LatentDataset:
     else:
         print(f"reusing the latents of the {len(ds)} images cached in {path}")
     scale = cfg.latent.scale_factor or 1 / cached["std"]
-    return LatentDataset(ds, cached["latents"] * scale, ds.labels[cached["sources"]], scale)
+    return LatentDataset(ds, cached["latents"] * scale, ds.labels[cached["sources"]], Codec(autoencoder, scale))
 
 
 def encode_all(ds, autoencoder, hflip: bool, batch_size: int, device) -> dict:

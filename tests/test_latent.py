@@ -1,10 +1,17 @@
 """Latent diffusion (ddpm/latent.py): a config made latent by latent.autoencoder, the U-Net at the latents' shape,
 samples decoded to images; end to end on the CPU: train a few steps, resume exactly, sample; bad input."""
+import os
+
 import pytest
 import torch
+from helpers import fails_in_process
+from PIL import Image
 from test_codecs import own_autoencoder_checkpoint
 
+import sample
+import train
 from config import load_config
+from ddpm.checkpoint import load_checkpoint
 from ddpm.codecs import Codec, load_autoencoder
 from ddpm.latent import check_checkpoint_space, resolved_latent, to_images
 from model import UNet
@@ -64,3 +71,64 @@ def test_samples_become_images_through_the_codec(autoencoder_path):
     model.codec = Codec(ae, 0.5)
     z = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(to_images(model, z), ae.net.decode(z / 0.5).clamp(-1, 1))
+
+
+# train.py on the latents: batches of 8, 2 steps between checkpoints, a grid of 4 decoded images at the end
+TRAIN = [*TINY_LATENT, "train.batch_size=8", "train.lr=1e-3", "train.warmup_steps=2", "train.num_workers=0",
+         "train.log_every=1", "train.save_every=2", "train.sample_every=4", "train.sample_n=4",
+         "train.deterministic=true", "train.compile=false", "train.ema_decay=0.9", "data.hflip=true"]
+
+
+def image_size_of(path):
+    with Image.open(path) as img:
+        return img.size
+
+
+def test_train_resume_exactly_and_sample_a_latent_model(tmp_path, monkeypatch, capsys, autoencoder_path):
+    monkeypatch.chdir(tmp_path)
+    run = [*TRAIN, f"latent.autoencoder={autoencoder_path}"]
+    train.main(["--name", "whole", *run, "train.max_steps=4"])
+    train.main(["--name", "parts", *run, "train.max_steps=2"])
+    assert "reusing the latents" in capsys.readouterr().out  # encoded once, by the first run
+    train.main(["--name", "parts", *run, "train.max_steps=4"])
+    whole, parts = load_checkpoint("checkpoints/whole/last.pt"), load_checkpoint("checkpoints/parts/last.pt")
+    for key in ("model", "ema"):
+        for k, v in whole[key].items():
+            assert torch.equal(v, parts[key][k]), (key, k)
+    assert whole["log"]["loss"] == parts["log"]["loss"]
+    ae = load_autoencoder(autoencoder_path, CPU)
+    assert whole["latent"]["hash"] == ae.hash and whole["latent"]["kind"] == "ours"
+    latent = whole["config"]["latent"]
+    assert (latent["channels"], latent["factor"]) == (3, 4) and latent["scale_factor"] > 0
+    assert whole["model"]["conv_in.weight"].shape[1] == 3  # the U-Net takes the latents' channels
+    # the training grid is of decoded 16x16 images: 2 x 2 of them with 2 pixels of padding
+    assert image_size_of("results/whole/samples/step_0000004.png") == (38, 38)
+
+    os.remove(autoencoder_path)  # our autoencoder's weights are in the checkpoint
+    sample.main(["--ckpt", "checkpoints/whole/last.pt", "--out", "grid.png", "--process", "process.png",
+                 "--gif", "denoise.gif", "--n", "4"])
+    assert image_size_of("grid.png") == (38, 38)
+    with Image.open("process.png") as img:  # a row per shown step of 16x16 images: decoded
+        assert (img.size[1] - 2) % 18 == 0 and (img.size[0] - 2) % 18 == 0
+    with Image.open("denoise.gif") as gif:
+        assert gif.n_frames > 2 and gif.size == (38, 38)
+
+
+def test_bad_latent_input_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys, autoencoder_path):
+    monkeypatch.chdir(tmp_path)
+    run = [*TRAIN, f"latent.autoencoder={autoencoder_path}"]
+    train.main(["--name", "r", *run, "train.max_steps=2"])
+    before = open("checkpoints/r/last.pt", "rb").read()
+    other = own_autoencoder_checkpoint(tmp_path / "other.pt", seed=1)
+    err = fails_in_process(capsys, train.main, "--name", "r", *TRAIN, f"latent.autoencoder={other}",
+                           "train.max_steps=4")
+    assert "is not the autoencoder this checkpoint was trained with" in err
+    err = fails_in_process(capsys, train.main, "--name", "new", *TRAIN, "latent.autoencoder=missing.pt")
+    assert "latent.autoencoder 'missing.pt' not found" in err
+    err = fails_in_process(capsys, train.main, "--name", "new", *run, "latent.channels=8")
+    assert "latent.channels=8 does not match" in err
+    err = fails_in_process(capsys, train.main, "--name", "r", *TRAIN, "train.max_steps=4")  # a pixel config
+    assert "is a latent model" in err
+    err = fails_in_process(capsys, sample.main, "--ckpt", "checkpoints/r/last.pt", "--init", "x.png")
+    assert "latent" in err
+    assert open("checkpoints/r/last.pt", "rb").read() == before

@@ -18,8 +18,8 @@ import torch
 
 from config import dump, load_config
 from dataset import build_dataset
-from ddpm.autoencoder import psnr
-from ddpm.autoencoder_training import KIND, AutoencoderTrainer
+from ddpm.autoencoder import KIND, psnr
+from ddpm.autoencoder_training import AutoencoderTrainer
 from ddpm.checkpoint import load_checkpoint, save_run_checkpoint
 from ddpm.cli import ArgumentParser, StopSignal, cli
 from ddpm.images import make_grid, save_image, to_uint8

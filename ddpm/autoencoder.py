@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from model import Attention, group_norm
 
+KIND = "autoencoder"  # the "kind" of a train_autoencoder.py checkpoint, which tells it from a diffusion checkpoint
 NORM_EPS = 1e-6
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM clamps the encoder's log-variance to this, so exp() stays finite
 

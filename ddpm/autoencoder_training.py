@@ -12,6 +12,7 @@ import torch
 from config import to_dict
 from dataset import preload_wanted
 from ddpm.autoencoder import (
+    KIND,
     Autoencoder,
     PatchDiscriminator,
     autoencoder_loss,
@@ -22,7 +23,6 @@ from ddpm.batches import Batches, stream_seed
 from ddpm.checkpoint import load_weights, rng_state, set_rng_state
 from utils import UserError
 
-KIND = "autoencoder"  # the checkpoint's "kind", which tells it from a diffusion checkpoint
 ADAM_BETAS = (0.5, 0.9)  # LDM's and taming-transformers' for both the autoencoder and the discriminator
 
 

@@ -16,8 +16,7 @@ import os
 import torch
 
 from config import AutoencoderConfig
-from ddpm.autoencoder import Autoencoder
-from ddpm.autoencoder_training import KIND
+from ddpm.autoencoder import KIND, Autoencoder
 from ddpm.checkpoint import load_checkpoint, load_weights
 from utils import UserError, first_line
 

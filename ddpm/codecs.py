@@ -55,7 +55,7 @@ class OwnAutoencoder:
         self.config, self.path = dict(config), path
         self.net = Autoencoder(AutoencoderConfig(**self.config), channels)
         load_weights(self.net, weights, f"the autoencoder weights of '{path}'")
-        self.net = self.net.to(device).eval().requires_grad_(False)
+        self.net, self.device = self.net.to(device).eval().requires_grad_(False), torch.device(device)
         self.channels, self.factor, self.latent_channels = channels, self.net.factor, self.net.latent_channels
         self.hash = weights_hash(weights, {**self.config, "channels": channels})
 
@@ -90,6 +90,7 @@ class DiffusersAutoencoder:
             raise UserError(f"cannot read a diffusers AutoencoderKL from '{folder}' ({first_line(e)}); give the "
                             "folder with its config.json and weights (e.g. stabilityai/sd-vae-ft-mse)") from None
         self.net, self.path, self.hash = vae.to(device).eval().requires_grad_(False), folder, folder_hash(folder)
+        self.device = torch.device(device)
         self.channels, self.latent_channels = vae.config.in_channels, vae.config.latent_channels
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
@@ -150,4 +151,5 @@ class Codec:
         return self.scale_factor * self.autoencoder.moments(x)[0]
 
     def decode(self, z):
-        return self.autoencoder.decode(z / self.scale_factor)
+        """Images (on the autoencoder's device) of latents z (on any device)."""
+        return self.autoencoder.decode(z.float().to(self.autoencoder.device) / self.scale_factor)

@@ -74,7 +74,16 @@ def codec_of_checkpoint(ckpt: dict, cfg, device) -> Codec | None:
 
 
 def to_images(model, x: torch.Tensor) -> torch.Tensor:
-    """Samples x of `model` as images in [-1, 1]: decoded by its codec in latent space, then clamped (the samplers
-    clip x_0 when diffusion.clip_denoised; without it the last step may overshoot a little)."""
+    """Samples x of `model` as images in [-1, 1], on x's device: decoded by its codec in latent space, then clamped
+    (the samplers clip x_0 when diffusion.clip_denoised; without it the last step may overshoot a little)."""
     codec = getattr(model, "codec", None)
-    return (x if codec is None else codec.decode(x.float())).clamp(-1, 1)
+    return (x if codec is None else codec.decode(x).to(x.device)).clamp(-1, 1)
+
+
+def trajectory_images(model, trajectory: dict) -> dict:
+    """A sampler's recorded trajectory (samplers.sample_loop) with a latent model's x_t and x_0 decoded to images
+    (float32 on the CPU, as recorded); a pixel model's as it is."""
+    codec = getattr(model, "codec", None)
+    if codec is None:
+        return trajectory
+    return {**trajectory, **{k: [codec.decode(x).float().cpu() for x in trajectory[k]] for k in ("x_t", "x0")}}

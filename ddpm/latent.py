@@ -50,10 +50,9 @@ def check_checkpoint_space(ckpt: dict | None, cfg, path: str | None) -> None:
                     "a new run (--name)")
 
 
-def latent_training_data(cfg, dataset, device, ckpt=None, path=None):
+def latent_training_data(cfg, dataset, device, ckpt=None):
     """(cfg resolved, the data set's latents: ddpm/latent_cache.LatentDataset) of latent.autoencoder; a resumed run
-    (ckpt) keeps its scale factor and must have the same autoencoder."""
-    check_checkpoint_space(ckpt, cfg, path)
+    (ckpt, a latent one: check_checkpoint_space) keeps its scale factor and must have the same autoencoder."""
     autoencoder = load_autoencoder(cfg.latent.autoencoder, device)
     if ckpt is not None:
         check_same(ckpt["latent"], autoencoder)

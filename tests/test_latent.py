@@ -4,10 +4,11 @@ import os
 
 import pytest
 import torch
-from helpers import fails_in_process
+from helpers import TinyExtractor, fails_in_process, files_in
 from PIL import Image
 from test_codecs import own_autoencoder_checkpoint
 
+import evaluate
 import sample
 import train
 from config import load_config
@@ -133,3 +134,14 @@ def test_bad_latent_input_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeyp
     err = fails_in_process(capsys, sample.main, "--ckpt", "checkpoints/r/last.pt", "--init", "x.png")
     assert "editing a latent model" in err
     assert open("checkpoints/r/last.pt", "rb").read() == before
+
+
+def test_evaluate_scores_the_decoded_samples_of_a_latent_model(tmp_path, monkeypatch, autoencoder_path):
+    monkeypatch.chdir(tmp_path)
+    train.main(["--name", "e", *TRAIN, f"latent.autoencoder={autoencoder_path}", "train.max_steps=1"])
+    extractor = TinyExtractor()
+    record = evaluate.main(["--ckpt", "checkpoints/e/last.pt", "--n", "8", "--batch-size", "4", "--device", "cpu",
+                            "--samples-dir", "samples", "--ref-cache", "refs", "--out", "metrics.json"],
+                           extractor=extractor)
+    assert record["n"] == 8 and record["image_size"] == 16 and extractor.seen >= 8
+    assert all(image_size_of(os.path.join("samples", f)) == (16, 16) for f in files_in("samples"))

@@ -21,7 +21,7 @@ import torch
 
 from config import DiffusionConfig, SampleConfig, config_from_dict, parse_override, to_dict
 from ddpm import weight_formats
-from ddpm.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from ddpm.checkpoint import code_it_would_run, load_checkpoint, load_weights, save_checkpoint
 from ddpm.cli import ArgumentParser, cli
 from model import UNet
 from utils import UserError, read_json
@@ -76,6 +76,9 @@ def read_weights(path: str) -> dict:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # each reader fails in its own way on a truncated or foreign file
+        if code := code_it_would_run(e):
+            raise UserError(f"refused to read the weights file '{path}': its pickle would call {code}, so loading "
+                            "it could run code; use the model's .safetensors file") from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"cannot read the weights file '{path}' ({first[:200]}); it is damaged or truncated: "
                         "download it again") from None
@@ -169,9 +172,12 @@ def from_pytorch_diffusion(args) -> None:
 def to_diffusers(args) -> None:
     check_target(args.out, args.force)
     ckpt = load_checkpoint(args.ckpt)
+    cfg = config_from_dict(ckpt["config"])
+    if cfg.model.text_encoder:  # UNet2DModel has no text conditioning (diffusers' UNet2DConditionModel is another net)
+        raise UserError(f"'{args.ckpt}' is a text-conditional model (model.text_encoder={cfg.model.text_encoder}); "
+                        "convert.py converts unconditional and class-conditional models only")
     require_diffusers()
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-    cfg = config_from_dict(ckpt["config"])
     model = UNet.from_config(cfg)
     load_weights(model, ckpt["model" if args.no_ema else "ema"], "the checkpoint's weights")
     try:

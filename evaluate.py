@@ -52,6 +52,7 @@ from ddpm.metrics import (
     kernel_inception_distance,
     load_inception,
     read_records,
+    reference_folder,
     reference_stats,
 )
 from ddpm.png_folders import existing_images, sample_to_folder
@@ -231,8 +232,6 @@ def evaluate(args, rank, world, device, extractor=None):
     """main on one of `world` processes: all of them sample the checkpoint's folder; rank 0 alone loads the
     Inception (unless `extractor` is given), makes the reference statistics, scores after the others are done
     and writes the record."""
-    if rank == 0 and extractor is None:  # now: a missing weights file fails before any sampling
-        extractor = load_inception(args.inception_weights, device)
     if args.ckpt:  # everything that can fail is checked, and the reference statistics made, before sampling
         cfg, model, diffusion, step, labels, n, folder = load_for_sampling(args, device)
         size, channels = cfg.data.image_size, cfg.data.channels
@@ -247,6 +246,10 @@ def evaluate(args, rank, world, device, extractor=None):
     check_writable(out)
     read_records(out)
     ref_data, ref_name = reference_data(args, cfg, size, channels)
+    if rank == 0:
+        reference_folder(ref_data)  # an empty --ref-dir, like the inputs above, is reported before the weights
+        if extractor is None:  # a missing weights file fails before any sampling
+            extractor = load_inception(args.inception_weights, device)
     batch_size = cfg.sample.batch_size if cfg else args.batch_size or INCEPTION_BATCH
     ref = reference_stats(ref_data, extractor, args.ref_cache, batch_size=batch_size) if rank == 0 else None
     if args.ckpt:

@@ -17,7 +17,8 @@ train.compile=false to skip torch.compile on the GPU). EMA weights are used unle
 Reproducibility: the images of a batch come from a generator seeded by (seed, first index, batch size),
 with batches aligned on multiples of --batch-size. So the same seed, checkpoint and device give the same
 images, and a --save-dir run that was interrupted and run again ends with exactly the files of one
-uninterrupted run (keep --batch-size the same when resuming), whatever the number of processes of either.
+uninterrupted run (keep --batch-size the same when resuming), whatever the number of processes of either (within
+one level of 255 where the processes' thread counts differ: that can round a float the other way).
 """
 import dataclasses
 import os
@@ -79,8 +80,8 @@ def save_process(model, diffusion, path, n, labels, s, device, columns=10) -> in
 def save_gif(model, diffusion, path, n, labels, s, device, frames=20) -> int:
     """An animated GIF of a grid of up to 16 samples being denoised: x_t at `frames` evenly spaced steps
     of the sampler, then the final samples, held for two seconds. Mostly noise, which GIF cannot compress:
-    about 20 KB a frame for 16 images of 32 x 32, so 20 frames keep it README-sized. Returns the number of
-    samples."""
+    up to about 30 KB a frame for 16 images enlarged to 64 x 64 (make_grid), so 20 frames keep it under a
+    megabyte. Returns the number of samples."""
     m = min(16, n)
     x, trajectory, _ = denoise(model, diffusion, m, labels, frames, s, device)
     grids = [make_grid(to_uint8(images)) for images in trajectory["x_t"] + [x]]

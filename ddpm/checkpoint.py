@@ -7,7 +7,9 @@
 """
 import contextlib
 import os
+import pickle
 import random
+import re
 import shutil
 
 import numpy as np
@@ -82,6 +84,9 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
+        if code := code_it_would_run(e):
+            raise UserError(f"refused to load '{path}': its pickle would call {code}, and loading it could run "
+                            "code; this toolkit's checkpoints hold only tensors and plain data") from None
         raise UserError(f"cannot read checkpoint '{path}' ({first_line(e)}); it is damaged or not a "
                         "PyTorch checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -91,6 +96,17 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         # the one place where a checkpoint from before the model options gets the ones it was trained with
         config["model"] = {**BEFORE_MODEL_OPTIONS, **config["model"]}
     return ckpt
+
+
+def code_it_would_run(e: Exception) -> str | None:
+    """What a pickle that torch.load(weights_only=True) refused would have imported and called (e.g. 'posix.system'),
+    or None when `e` is another failure (a damaged or foreign file). weights_only unpickles only tensors and plain
+    data, and stops at any other global, before anything runs."""
+    text = str(e)
+    if not isinstance(e, pickle.UnpicklingError) or "weights only" not in text.lower().replace("_", " "):
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    return found.group(1) if found else "a function that is not a tensor's"
 
 
 def load_weights(module: torch.nn.Module, state_dict: dict, what: str) -> None:

@@ -66,6 +66,20 @@ def read_mask(path: str, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img) < 128)[None, None]
 
 
+def check_inputs(args, edit: str, model) -> None:
+    """Read every input once (the images of --init, --init2 and the mask), so that an empty folder or an unreadable
+    file is a one-line error before anything is written (--save-dir's settings.json first). The images are read
+    again batch by batch when edited: decoding is a small cost next to a sampler's network calls."""
+    if edit == "interpolate":
+        paths = [] if args.seed2 is not None else [args.init, args.init2]
+    else:
+        paths = input_files(args.init)[0]
+    for path in paths:
+        read_images([path], model.image_channels, model.image_size)
+    if edit == "inpaint":
+        read_mask(args.mask, model.image_size)
+
+
 def settings_of(args, edit: str, cfg, diffusion) -> dict:
     """What shaped the results, for the printout and the JSON file beside them."""
     s = cfg.sample
@@ -224,6 +238,7 @@ def run(args, edit: str, cfg, model, diffusion, labels, device) -> None:
     out = args.out or (None if args.save_dir else os.path.join("results", cfg.name, f"{edit}.png"))
     if out:
         check_writable(out)
+    check_inputs(args, edit, model)
     if args.save_dir:
         claim_folder(args.save_dir, settings)
     print(f"{TITLES[edit]}: {json.dumps(settings)}")

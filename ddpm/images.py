@@ -81,8 +81,28 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
-def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 255):
-    """uint8 images B x C x H x W as one uint8 H' x W' x C array, nrow = ceil(sqrt(B)) by default."""
+# Pictures (grids, process pictures, GIFs, training and editing grids) enlarge small images by an integer factor,
+# with nearest neighbour so that pixels stay pixels: a 16x16 sample would be a speck on a screen. The PNGs of
+# a --save-dir folder stay at the model's resolution.
+MIN_TILE = 64
+
+
+def tile_scale(size: int, min_tile: int = MIN_TILE) -> int:
+    """The least integer factor that makes an image of `size` pixels (its larger side) at least min_tile pixels in a
+    picture: 4 for 16 pixels, 2 for 32, 3 for 28, 1 from 64 on."""
+    return max(1, math.ceil(min_tile / size))
+
+
+def enlarge(images: torch.Tensor, scale: int) -> torch.Tensor:
+    """(..., H, W) -> (..., scale H, scale W), each pixel repeated as a scale x scale block (nearest neighbour)."""
+    return images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 255,
+              scale: int | None = None):
+    """uint8 images B x C x H x W as one uint8 H' x W' x C array, nrow = ceil(sqrt(B)) by default, each image
+    enlarged `scale` times (default tile_scale: tiles of at least MIN_TILE pixels), `padding` pixels apart."""
+    images = enlarge(images, scale or tile_scale(max(images.shape[-2:])))  # (B, C, H, W)
     b, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(b))
     ncol = math.ceil(b / nrow)
@@ -121,7 +141,7 @@ def save_image(array, path: str) -> None:
 
 
 def save_grid(x: torch.Tensor, path: str, nrow: int | None = None) -> None:
-    """Save images in [-1, 1] as one grid PNG."""
+    """Save images in [-1, 1] as one grid picture (make_grid: enlarged to tiles of at least MIN_TILE pixels)."""
     save_image(make_grid(to_uint8(x), nrow=nrow), path)
 
 

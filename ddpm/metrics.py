@@ -25,6 +25,7 @@ from ddpm.conditions import repeat_to
 from ddpm.generation import sample_batches
 from ddpm.image_cache import folder_signature
 from ddpm.images import to_uint8
+from ddpm.progress import progress
 from utils import UserError, atomic_write, first_line, read_json, thread_map, write_json
 
 # torch-fidelity downloads the weights under the first name, pytorch-fid under the second; the -6726825d
@@ -212,9 +213,8 @@ def image_batches(ds, batch_size: int, n: int | None = None):
 
 def extract_features(extractor, batches, n: int, desc: str = "features"):
     """Run the extractor over uint8 batches: (features float32 n x D, logits n x K or None)."""
-    from tqdm import tqdm
     features, logits = [], []
-    with tqdm(total=n, unit="img", desc=desc) as bar:
+    with progress(n, desc, "img") as bar:
         for x in batches:
             f, z = extractor(to_rgb(x))
             features.append(np.asarray(f, dtype=np.float32))
@@ -247,11 +247,23 @@ def reference_cache_path(key: dict, cache_dir: str) -> str:
     return os.path.join(cache_dir, f"{label}-{key['image_size']}px-{key['extractor']}-{digest}.npz")
 
 
+def reference_folder(data):
+    """The reference set of a folder as a data set (its files listed, none decoded), with at least 2 images; None
+    for the other sets. Needs no extractor, so a bad --ref-dir is reported before the Inception is looked for."""
+    if data.dataset != "folder":
+        return None
+    ds = build_dataset(data)
+    if len(ds) < 2:
+        raise UserError(f"the reference set ({data.dataset} {data.root}) has {len(ds)} image(s); FID and KID "
+                        "need at least 2")
+    return ds
+
+
 def reference_stats(data, extractor, cache_dir: str, batch_size: int = 500) -> dict:
     """{'mu', 'sigma', 'features' (at most KID_REF_ROWS rows, for KID), 'n'} of the training images of the
     data config `data`, computed once and cached as an .npz in cache_dir; later calls read the cache."""
     name = getattr(extractor, "name", type(extractor).__name__)
-    ds = build_dataset(data) if data.dataset == "folder" else None  # only lists the files
+    ds = reference_folder(data)
     key = reference_key(data, name, ds)
     path = reference_cache_path(key, cache_dir)
     if os.path.isfile(path):

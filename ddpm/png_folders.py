@@ -4,18 +4,18 @@
 
 A folder that was interrupted and filled again ends with exactly the files of one uninterrupted run (with the
 same batch size): image i depends only on (seed, i, batch size). Under torchrun the batches of a folder are
-split over the processes, which changes nothing in the files either.
+split over the processes, which changes the images by at most one level of 255 (on the CPU another thread count
+per process can round a float the other way).
 """
 import contextlib
 import os
 import re
 
-from tqdm import tqdm
-
 from ddpm.conditions import repeat_to
 from ddpm.distributed import wait_for_all
 from ddpm.generation import sample_batches
 from ddpm.images import save_png, to_uint8
+from ddpm.progress import progress
 from utils import FolderLock, on_interrupt
 
 FILE_NAME = re.compile(r"\d{7,}\.png")  # 0000000.png, 0000001.png, ... as written by sample_to_folder
@@ -54,7 +54,7 @@ def sample_to_folder(model, diffusion, folder, n, s, device, class_labels=None, 
 
 def write_missing(folder, n, batches, done, n_missing, rank):
     """Save the images of `batches` that are not `done`; rank 0 shows the progress of every process."""
-    with tqdm(total=n_missing, unit="img", desc="sampling", disable=rank != 0) as bar:
+    with progress(n_missing, "sampling", "img", disable=rank != 0) as bar:
         for start, x in batches:
             for j, image in enumerate(to_uint8(x)):
                 if start + j not in done:

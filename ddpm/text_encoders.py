@@ -190,7 +190,7 @@ def text_dims(m, state) -> dict:
     if not isinstance(state, dict) or state.get("encoder") != m.text_encoder:
         raise UserError(f"model.text_encoder={m.text_encoder}, but the checkpoint holds no state of that encoder "
                         "(its 'text' entry: the vocabulary or CLIP's width), which text-conditional training runs "
-                        "save; convert.py does not convert text-conditional models")
+                        "save")
     if m.text_encoder == "learned":
         return {"vocab_size": len(SPECIAL) + len(state["words"])}
     return {"text_width": state["width"]}

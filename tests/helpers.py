@@ -1,36 +1,47 @@
 """Shared bits of the tests: one factory for tiny networks, diffusions and checkpoints, a tiny training setup
 that runs in a second on the CPU, and a subprocess runner."""
+import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn as nn
 
+import sample
 from config import DiffusionConfig, ModelConfig, load_config, to_dict
+from dataset import build_dataset
 from ddpm.checkpoint import save_checkpoint
 from ddpm.text_encoders import prompt_encoder
+from ddpm.training_step import Trainer
 from diffusion import GaussianDiffusion
 from model import UNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "quickstart.yaml")
 
-# train.py on 8x8 shapes, a 16-channel two-level U-Net, T=50: a step takes a few milliseconds
-TINY = ["data.dataset=shapes", "data.image_size=8", "data.num_images=64", "model.base_channels=16",
-        "model.channel_mults=[1,2]", "model.num_res_blocks=1", "model.attention_resolutions=[4]",
-        "model.dropout=0.0", "diffusion.timesteps=50", "train.batch_size=8", "train.lr=1e-3",
+
+def as_overrides(section: str, fields: dict) -> list[str]:
+    """Config overrides `section.field=value` of these fields (tuples as YAML lists)."""
+    return [f"{section}.{k}={list(v) if isinstance(v, tuple) else v}".replace(" ", "") for k, v in fields.items()]
+
+
+# the tiny network of the tests, once: 16 channels, two levels, attention at 8x8 (of 16x16 images)
+TINY_MODEL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(8,), dropout=0.0)
+# ... as config overrides, with its images (16x16), T = 20 and 5 sampling steps
+TINY_NET = [*as_overrides("model", TINY_MODEL), "data.image_size=16", "diffusion.timesteps=20", "sample.steps=5"]
+# ... for checkpoints: shapes as the data set, 4 images
+TINY_CKPT = ["name=tiny", *TINY_NET, "data.dataset=shapes", "data.num_images=64", "sample.n=4", "sample.batch_size=4"]
+
+# train.py on 8x8 shapes (attention at 4x4), T=50: a step takes a few milliseconds
+TINY = ["data.dataset=shapes", "data.image_size=8", "data.num_images=64",
+        *as_overrides("model", {**TINY_MODEL, "attention_resolutions": (4,)}), "diffusion.timesteps=50",
+        "train.batch_size=8", "train.lr=1e-3",
         "diffusion.objective=eps", "diffusion.beta_schedule=linear",  # the quickstart has v, cosine
         "train.warmup_steps=2", "train.num_workers=0", "train.log_every=1", "train.save_every=5",
         "train.sample_every=1000", "train.sample_n=4", "sample.steps=3", "train.deterministic=true",
         "train.compile=false", "train.ema_decay=0.9"]
-
-# the tiny network of the unit tests: 16x16 images, 16 channels, two levels, attention at 8x8
-TINY_MODEL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(8,), dropout=0.0)
-# ... and the same as config overrides, for checkpoints (T = 20, shapes as the data set)
-TINY_CKPT = ["name=tiny", "model.base_channels=16", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
-             "model.attention_resolutions=[8]", "model.dropout=0.0", "data.image_size=16", "data.dataset=shapes",
-             "data.num_images=64", "diffusion.timesteps=20", "sample.steps=5", "sample.n=4", "sample.batch_size=4"]
 
 
 def perturb_zero_params(model: torch.nn.Module, std=0.05, seed=0) -> torch.nn.Module:
@@ -90,7 +101,6 @@ def trained_tiny_checkpoint(path, *overrides, steps=120, num_images=2) -> str:
     """A checkpoint of the tiny network (TINY_CKPT, TRAINED_TINY, then overrides) trained with Adam for `steps`
     steps on the first `num_images` images of its data set (batches of 4 of them; about 6 s of one CPU core),
     deterministic; the trained weights are its model and EMA alike. Returns the path."""
-    from dataset import build_dataset
     cfg = tiny_config(*TRAINED_TINY, *overrides)
     dataset = build_dataset(cfg.data)
     x = torch.stack([dataset[i][0] for i in range(num_images)]).repeat(max(1, 4 // num_images), 1, 1, 1)
@@ -111,12 +121,16 @@ def trained_tiny_checkpoint(path, *overrides, steps=120, num_images=2) -> str:
     return str(path)
 
 
+def tiny_trainer(*overrides, device="cpu", log=print) -> Trainer:
+    """The Trainer of train.py's tiny run (configs/quickstart.yaml, TINY, then overrides) on one process."""
+    cfg = load_config(CONFIG, [*TINY, *overrides])
+    return Trainer(cfg, torch.device(device), 0, 1, build_dataset(cfg.data), log)
+
+
 def tiny_clip(folder) -> str:
     """A random CLIPTextModel of width 32 with a tokenizer of single letters and digits, saved to `folder` as
     a Hub model is (config.json, weights, tokenizer files): model.text_encoder_path=folder. Needs transformers."""
-    import json
-
-    import transformers
+    import transformers  # optional: the tests that need it skip without it
     os.makedirs(folder, exist_ok=True)
     chars = "abcdefghijklmnopqrstuvwxyz0123456789"
     vocab = {c: i for i, c in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])}
@@ -157,6 +171,17 @@ class TinyExtractor:
         return f.numpy(), (self.head(f).numpy() if self.logits else None)
 
 
+class RunsCode:
+    """An object whose unpickling calls os.system('touch MARKER'), as a malicious weights file's would: pickled
+    into a file, loading it with weights_only=False would create the marker."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
 def files_in(folder) -> list[str]:
     """The names in a folder, sorted, without hidden ones (the .lock of a run that wrote it)."""
     return sorted(f for f in os.listdir(folder) if not f.startswith("."))
@@ -172,7 +197,6 @@ def run_script(args, cwd, env_extra=None, timeout=300, **kwargs):
 def fails_in_process(capsys, main, *argv) -> str:
     """main(argv as strings) in-process; expect exit code 2 and exactly one 'error: ...' line on stderr,
     which is returned."""
-    import pytest
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in argv])
@@ -180,6 +204,16 @@ def fails_in_process(capsys, main, *argv) -> str:
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     return err
+
+
+def run_sample(*argv):
+    """sample.py in-process on these arguments (as strings)."""
+    sample.main([str(a) for a in argv])
+
+
+def sample_fails(capsys, *argv) -> str:
+    """sample.py in-process on these arguments: exit code 2 and one 'error: ...' line, which is returned."""
+    return fails_in_process(capsys, sample.main, *argv)
 
 
 def assert_one_line_error(proc, *needles):

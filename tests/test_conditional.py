@@ -84,7 +84,8 @@ def test_class_label_cli(conditional_run):
     proc = run_script([os.path.join(ROOT, "sample.py"), "--ckpt", path, "--class-label", "all", "--n", "8",
                        "--steps", "5", "--out", "grid.png"], conditional_run)
     assert proc.returncode == 0, proc.stderr
-    assert Image.open(conditional_run / "grid.png").size == (2 + 4 * (SIZE + 2), 2 + 2 * (SIZE + 2))
+    tile = 64  # the images enlarged 64 / SIZE times in the grid (tiles of at least 64 pixels)
+    assert Image.open(conditional_run / "grid.png").size == (2 + 4 * (tile + 2), 2 + 2 * (tile + 2))
     bad = run_script([os.path.join(ROOT, "sample.py"), "--ckpt", path, "--class-label", "2", "--steps", "5"],
                      conditional_run)
     assert_one_line_error(bad, "2", "classes")

@@ -4,12 +4,14 @@ import math
 import os
 import subprocess
 import sys
+import typing
 
 import pytest
 import yaml
 
 from config import (
     DEFAULT_CONFIG,
+    SECTIONS,
     Config,
     ConfigError,
     check_batch_split,
@@ -310,10 +312,7 @@ OUT_OF_RANGE = {
 
 
 def numeric_fields():
-    import typing
-
-    import config
-    return sorted(f"{s}.{name}" for s, cls in config.SECTIONS.items()
+    return sorted(f"{s}.{name}" for s, cls in SECTIONS.items()
                   for name, tp in typing.get_type_hints(cls).items() if tp in (int, float))
 
 

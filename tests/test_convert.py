@@ -10,14 +10,27 @@ import shutil
 
 import pytest
 import torch
-from helpers import ROOT, TinyExtractor, assert_one_line_error, run_script, tiny_checkpoint
+from helpers import (
+    ROOT,
+    TINY_TEXT_CKPT,
+    RunsCode,
+    TinyExtractor,
+    assert_one_line_error,
+    fails_in_process,
+    run_script,
+    tiny_checkpoint,
+)
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
 
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 import convert  # noqa: E402
+import evaluate  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
 from config import load_config  # noqa: E402
 from ddpm.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 
@@ -39,13 +52,7 @@ def run(*argv):
 
 
 def fails(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        run(*argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+    return fails_in_process(capsys, convert.main, *argv).rstrip("\n")
 
 
 def diffusers_unet(seed=0, **fields):
@@ -250,8 +257,6 @@ def test_ours_to_diffusers_to_ours_is_bit_identical(tmp_path, options):
 # ---- the converted checkpoint in our scripts ---------------------------------------------------------------------
 
 def test_converted_checkpoint_samples_and_fine_tunes(tmp_path, monkeypatch, small_src):
-    import sample
-    import train
     monkeypatch.chdir(tmp_path)
     ckpt = str(tmp_path / "paper.pt")
     run("from-diffusers", small_src, "--out", ckpt, "data.dataset=shapes", "data.num_images=8")
@@ -269,7 +274,6 @@ def test_converted_checkpoint_samples_and_fine_tunes(tmp_path, monkeypatch, smal
 
 
 def test_converted_checkpoint_evaluates(tmp_path, monkeypatch, small_src):
-    import evaluate
     monkeypatch.chdir(tmp_path)
     ckpt = str(tmp_path / "paper.pt")
     run("from-diffusers", small_src, "--out", ckpt, "data.dataset=shapes", "data.num_images=8")
@@ -334,7 +338,6 @@ def test_truncated_weights_file(tmp_path, capsys, name):
     src = tmp_path / "src"
     save_unet(diffusers_unet(), src)
     if name.endswith(".bin"):
-        from safetensors.torch import load_file
         torch.save(load_file(str(src / "diffusion_pytorch_model.safetensors")), str(src / name))
         os.remove(src / "diffusion_pytorch_model.safetensors")
     data = (src / name).read_bytes()
@@ -342,6 +345,30 @@ def test_truncated_weights_file(tmp_path, capsys, name):
     line = fails(capsys, "from-diffusers", src, "--out", tmp_path / "o.pt")
     assert name in line and "truncated" in line
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_a_pickle_that_would_run_code_is_refused_as_such(tmp_path, capsys):
+    """A .bin whose pickle calls os.system: weights_only refuses it before anything runs, and the error says so
+    (not "damaged or truncated")."""
+    from safetensors.torch import load_file
+    src = tmp_path / "src"
+    save_unet(diffusers_unet(), src)
+    sd = load_file(str(src / "diffusion_pytorch_model.safetensors"))
+    torch.save({**sd, "x": RunsCode(tmp_path / "ran")}, str(src / "diffusion_pytorch_model.bin"))
+    os.remove(src / "diffusion_pytorch_model.safetensors")
+    line = fails(capsys, "from-diffusers", src, "--out", tmp_path / "o.pt")
+    assert "diffusion_pytorch_model.bin" in line and "system" in line and "could run code" in line, line
+    assert "damaged" not in line and "truncated" not in line
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "o.pt").exists()
+
+
+def test_a_text_conditional_checkpoint_is_refused_for_what_it_is(tmp_path, capsys):
+    """Its checkpoint holds the text encoder's state; diffusers' UNet2DModel has no text conditioning."""
+    ckpt = tiny_checkpoint(tmp_path / "text.pt", *WIDE, *TINY_TEXT_CKPT)
+    assert load_checkpoint(ckpt)["text"]["encoder"] == "learned"
+    line = fails(capsys, "to-diffusers", ckpt, "--out", tmp_path / "pipe")
+    assert "text-conditional" in line and "text_encoder=learned" in line and "holds no state" not in line, line
+    assert not (tmp_path / "pipe").exists()
 
 
 def test_existing_targets_are_refused_or_replaced_whole(tmp_path, capsys, monkeypatch, small_src):

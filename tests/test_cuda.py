@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from helpers import CONFIG, ROOT, TINY, perturb_zero_params, run_script
+from helpers import CONFIG, ROOT, TINY, perturb_zero_params, run_script, tiny_trainer
 
 from config import SampleConfig, load_config
 from dataset import build_dataset
@@ -14,18 +14,12 @@ from ddpm import generation
 from ddpm.batches import Batches
 from ddpm.checkpoint import load_checkpoint
 from ddpm.samplers import sample_loop
-from ddpm.training_step import Trainer
 from diffusion import GaussianDiffusion
 from model import UNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
 FAST = ["train.compile=auto", "train.precision=auto", "train.deterministic=false"]
-
-
-def make_trainer(*overrides, log=print):
-    cfg = load_config(CONFIG, [*TINY, *overrides])
-    return Trainer(cfg, CUDA, 0, 1, build_dataset(cfg.data), log)
 
 
 def test_gpu_resident_batches_equal_the_cpu_ones():
@@ -40,7 +34,7 @@ def test_gpu_resident_batches_equal_the_cpu_ones():
 
 def test_fast_path_compiles_and_trains_in_bf16():
     messages = []
-    trainer = make_trainer(*FAST, log=messages.append)
+    trainer = tiny_trainer(*FAST, log=messages.append, device=CUDA)
     assert trainer.amp_dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     losses = [trainer.train_step_with_compile_fallback()[0]] + [trainer.train_step()[0] for _ in range(5)]
     assert trainer.compiled and not messages, messages
@@ -51,14 +45,14 @@ def test_fast_path_compiles_and_trains_in_bf16():
 
 
 def test_bf16_gradients_are_close_to_fp32():
-    fast, plain = make_trainer(*FAST), make_trainer("train.precision=fp32")
+    fast, plain = tiny_trainer(*FAST, device=CUDA), tiny_trainer("train.precision=fp32", device=CUDA)
     (loss_fast, norm_fast), (loss_plain, norm_plain) = fast.train_step_with_compile_fallback(), plain.train_step()
     assert torch.allclose(loss_fast, loss_plain, rtol=2e-2)
     assert torch.allclose(norm_fast, norm_plain, rtol=5e-2)
 
 
 def test_fp16_scales_the_loss_and_stays_finite():
-    trainer = make_trainer("train.precision=fp16")
+    trainer = tiny_trainer("train.precision=fp16", device=CUDA)
     for _ in range(5):
         loss, norm = trainer.train_step()
         assert torch.isfinite(loss) and torch.isfinite(norm)

@@ -381,7 +381,7 @@ def test_cli_writes_a_preview(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "100 images" in result.stdout and "circle" in result.stdout
     with Image.open(tmp_path / "results" / "data_preview.png") as preview:
-        assert preview.size == (8 * 34 + 2, 8 * 34 + 2)  # 8 x 8 images of 32 pixels, 2 pixels apart
+        assert preview.size == (8 * 66 + 2, 8 * 66 + 2)  # 8 x 8 images of 32 pixels shown 2x, 2 pixels apart
 
 
 def test_cli_reports_a_missing_folder_in_one_line(tmp_path):

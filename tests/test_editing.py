@@ -6,6 +6,7 @@ tiny checkpoint trained in the fixture (8x8 shapes, T = 100)."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,28 +14,19 @@ import numpy as np
 import pytest
 import torch
 from diffusion_refs import GaussianEps, ref_linear_betas
-from helpers import ROOT, fails_in_process, make_diffusion, tiny_checkpoint, tiny_unet, trained_tiny_checkpoint
-from PIL import Image
+from helpers import ROOT, make_diffusion, run_sample, sample_fails, tiny_unet, trained_tiny_checkpoint
+from PIL import Image, ImageOps
 
-import sample
-from config import SampleConfig
+from config import SampleConfig, config_from_dict
+from dataset import build_dataset
 from ddpm import edits, generation, images
-from ddpm.images import decode_image
+from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
+from ddpm.images import decode_image, open_image
 from ddpm.samplers import spaced_timesteps
 
 SIZE, T = 16, 20  # the random checkpoints: helpers.TINY_CKPT, 5 DDIM steps, batches of 4
+TILE = 64  # the grids show a 16x16 image enlarged 4x by nearest neighbour (tiles of at least 64 pixels, README)
 SAMPLERS = [["--sampler", "ddpm"], ["--sampler", "ddim"], ["--sampler", "dpmpp"]]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("uncond") / "last.pt", f"diffusion.timesteps={T}")
-
-
-@pytest.fixture(scope="module")
-def cond_ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("cond") / "last.pt", f"diffusion.timesteps={T}",
-                           "model.num_classes=3")
 
 
 def save(array, path):
@@ -57,16 +49,15 @@ def inputs(tmp_path_factory):
     return folder
 
 
-def run(*argv):
-    sample.main([str(a) for a in argv])
-
-
-def fails(capsys, *argv) -> str:
-    return fails_in_process(capsys, sample.main, *argv)
 
 
 def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path), dtype=np.int64)
+
+
+def enlarged(image: np.ndarray) -> np.ndarray:
+    """An H x W x C image as a grid shows it: each pixel a 4x4 block."""
+    return image.repeat(4, axis=0).repeat(4, axis=1)
 
 
 def as_read(path, size=SIZE) -> np.ndarray:
@@ -243,8 +234,8 @@ def test_strength_1_folder_is_the_plain_sampling_folder(ckpt, inputs, tmp_path, 
     """A folder edited at strength 1 holds, file for file, the images of a plain --save-dir run of as many
     images with the same seed and batch size (the inputs' names for 0000000.png, ...)."""
     common = ["--ckpt", ckpt, *flags, "--seed", 5, "--batch-size", 2]
-    run(*common, "--init", inputs, "--strength", 1, "--save-dir", tmp_path / "edit")
-    run(*common, "--n", 3, "--save-dir", tmp_path / "plain")
+    run_sample(*common, "--init", inputs, "--strength", 1, "--save-dir", tmp_path / "edit")
+    run_sample(*common, "--n", 3, "--save-dir", tmp_path / "plain")
     for name, number in zip(["a.png", "b.png", "c.png"], range(3)):
         assert (tmp_path / "edit" / name).read_bytes() == (tmp_path / "plain" / f"{number:07d}.png").read_bytes()
 
@@ -253,28 +244,28 @@ def test_strength_1_folder_is_the_plain_sampling_folder(ckpt, inputs, tmp_path, 
 def test_a_strength_with_no_step_returns_the_input(ckpt, inputs, tmp_path, flags):
     """0.02 of 5 DDIM/DPM-Solver++ steps or of T = 20 DDPM steps rounds to none: the input as the model reads it
     (resized and centre-cropped to 16x16, RGB), pixel for pixel."""
-    run("--ckpt", ckpt, *flags, "--init", inputs, "--strength", 0.02, "--save-dir", tmp_path)
+    run_sample("--ckpt", ckpt, *flags, "--init", inputs, "--strength", 0.02, "--save-dir", tmp_path)
     for name in ("a.png", "b.png", "c.png"):
         assert np.array_equal(pixels(tmp_path / name), as_read(inputs / name))
 
 
 def test_grids_settings_and_the_default_output(ckpt, inputs, tmp_path, monkeypatch, capsys):
     """--out: a row per input, the input in the first column (then the mask, x_T / 3 for inversion), the
-    result last; the settings printed and in a JSON file beside it; without --out or --save-dir,
-    results/<name>/<edit>.png."""
-    cell = SIZE + 2
+    result last, each enlarged to TILE x TILE (the PNGs of --save-dir stay at SIZE); the settings printed and in a
+    JSON file beside it; without --out or --save-dir, results/<name>/<edit>.png."""
+    cell = TILE + 2
     for edit, argv, columns in (("img2img", ["--strength", 0.5], 2), ("inpaint", ["--mask", inputs.parent / "mask.png",
                                 "--resample", 1], 3), ("invert", ["--invert"], 3)):
-        run("--ckpt", ckpt, "--init", inputs, *argv, "--out", tmp_path / f"{edit}.png")
+        run_sample("--ckpt", ckpt, "--init", inputs, *argv, "--out", tmp_path / f"{edit}.png")
         grid = pixels(tmp_path / f"{edit}.png")
         assert grid.shape[:2] == (3 * cell + 2, columns * cell + 2)
-        assert np.array_equal(grid[2:2 + SIZE, 2:2 + SIZE], as_read(inputs / "a.png"))
+        assert np.array_equal(grid[2:2 + TILE, 2:2 + TILE], enlarged(as_read(inputs / "a.png")))
         settings = json.loads((tmp_path / f"{edit}.json").read_text())
         assert settings["edit"] == edit and settings["init"] == str(inputs) and settings["sampler"] == "ddim"
         assert json.dumps(settings) in capsys.readouterr().out
     assert torch.load(tmp_path / "invert.xT.pt", weights_only=True).shape == (3, 3, SIZE, SIZE)
     monkeypatch.chdir(tmp_path)
-    run("--ckpt", ckpt, "--interpolate", 4, "--seed2", 1)
+    run_sample("--ckpt", ckpt, "--interpolate", 4, "--seed2", 1)
     assert pixels(tmp_path / "results" / "tiny" / "interpolate.png").shape[:2] == (cell + 2, 4 * cell + 2)
     assert json.loads((tmp_path / "results" / "tiny" / "interpolate.json").read_text())["seed2"] == 1
 
@@ -283,7 +274,7 @@ def test_a_folder_resumes_with_the_files_of_one_run(ckpt, inputs, tmp_path, monk
     """Interrupted after the first file, then one file lost: the same command writes only what is missing, and
     the folder ends as one made in one go; other settings are refused for that folder."""
     argv = ["--ckpt", ckpt, "--init", inputs, "--strength", 0.6, "--batch-size", 2, "--sampler", "ddpm"]
-    run(*argv, "--save-dir", tmp_path / "once")
+    run_sample(*argv, "--save-dir", tmp_path / "once")
     save_png = images.save_png
 
     def one_then_stop(image, path):
@@ -292,14 +283,14 @@ def test_a_folder_resumes_with_the_files_of_one_run(ckpt, inputs, tmp_path, monk
         save_png(image, path)
     monkeypatch.setattr("ddpm.edit_runs.save_png", one_then_stop)
     with pytest.raises(SystemExit) as e:
-        run(*argv, "--save-dir", tmp_path / "resumed")
+        run_sample(*argv, "--save-dir", tmp_path / "resumed")
     assert e.value.code == 130
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path / "resumed")) == ["a.png", "settings.json"]
     kept = (tmp_path / "resumed" / "a.png").stat().st_mtime_ns
-    run(*argv, "--save-dir", tmp_path / "resumed")
+    run_sample(*argv, "--save-dir", tmp_path / "resumed")
     os.remove(tmp_path / "resumed" / "b.png")
-    run(*argv, "--save-dir", tmp_path / "resumed")
+    run_sample(*argv, "--save-dir", tmp_path / "resumed")
     assert (tmp_path / "resumed" / "a.png").stat().st_mtime_ns == kept
     for name in ("a.png", "b.png", "c.png", "settings.json"):
         assert (tmp_path / "once" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
@@ -308,14 +299,13 @@ def test_a_folder_resumes_with_the_files_of_one_run(ckpt, inputs, tmp_path, monk
 def test_a_folder_refuses_the_edits_of_other_inputs(ckpt, inputs, tmp_path, capsys):
     """Other inputs of the same names into a folder: refused, not taken as done (each file is named after its
     input); the same inputs by another path to them are the same inputs."""
-    import shutil
     argv = ["--ckpt", ckpt, "--strength", 0.6, "--sampler", "ddpm", "--save-dir", tmp_path / "edits"]
-    run(*argv, "--init", inputs)
+    run_sample(*argv, "--init", inputs)
     shutil.copytree(inputs, tmp_path / "other")
     save(np.zeros((16, 16, 3)), tmp_path / "other" / "a.png")
-    err = fails_in_process(capsys, sample.main, *argv, "--init", tmp_path / "other")
+    err = sample_fails(capsys, *argv, "--init", tmp_path / "other")
     assert "holds edits made with other settings (init:" in err and str(tmp_path / "other") in err, err
-    run(*argv, "--init", os.path.join(inputs, "..", os.path.basename(inputs)))
+    run_sample(*argv, "--init", os.path.join(inputs, "..", os.path.basename(inputs)))
 
 
 # ---- sample.py: inpainting, inversion, interpolation ---------------------------------------------------------
@@ -327,11 +317,8 @@ def test_a_folder_refuses_the_edits_of_other_inputs(ckpt, inputs, tmp_path, caps
 def test_inpainting_keeps_every_known_pixel(ckpt, inputs, tmp_path, flags):
     """Every pixel outside the mask (resized with nearest neighbour and centre-cropped as the image) is the
     input's, exactly; inside, the result is new."""
-    run("--ckpt", ckpt, *flags, "--init", inputs / "a.png", "--mask", inputs.parent / "mask.png",
-        "--save-dir", tmp_path)
-    from PIL import ImageOps
-
-    from ddpm.images import open_image
+    run_sample("--ckpt", ckpt, *flags, "--init", inputs / "a.png", "--mask", inputs.parent / "mask.png",
+               "--save-dir", tmp_path)
     mask = np.asarray(ImageOps.fit(open_image(str(inputs.parent / "mask.png"), 1), (SIZE, SIZE),
                                    Image.Resampling.NEAREST)) > 127
     assert 0.2 < mask.mean() < 0.6
@@ -341,8 +328,7 @@ def test_inpainting_keeps_every_known_pixel(ckpt, inputs, tmp_path, flags):
 
 
 def test_inversion_writes_x_T_that_decodes_to_the_reconstruction(ckpt, inputs, tmp_path):
-    run("--ckpt", ckpt, "--init", inputs, "--invert", "--sampler", "dpmpp", "--save-dir", tmp_path)
-    from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
+    run_sample("--ckpt", ckpt, "--init", inputs, "--invert", "--sampler", "dpmpp", "--save-dir", tmp_path)
     _, model, d = model_from_checkpoint(load_checkpoint(ckpt), "cpu", overrides=["sample.sampler=dpmpp"])
     for name in ("a", "b", "c"):
         x_T = torch.load(tmp_path / f"{name}.xT.pt", weights_only=True)
@@ -355,10 +341,10 @@ def test_inversion_writes_x_T_that_decodes_to_the_reconstruction(ckpt, inputs, t
 @pytest.mark.parametrize("flags", [["--sampler", "ddim"], ["--sampler", "dpmpp", "--order", 3]])
 def test_the_ends_of_an_interpolation_are_the_seeds_plain_samples(ckpt, tmp_path, flags):
     """Within one level of 255 (the row is decoded as one batch, each plain sample alone)."""
-    run("--ckpt", ckpt, *flags, "--interpolate", 5, "--seed", 3, "--seed2", 8, "--save-dir", tmp_path / "row")
+    run_sample("--ckpt", ckpt, *flags, "--interpolate", 5, "--seed", 3, "--seed2", 8, "--save-dir", tmp_path / "row")
     assert sorted(os.listdir(tmp_path / "row")) == [f"{i:07d}.png" for i in range(5)] + ["settings.json"]
     for seed, i in ((3, 0), (8, 4)):
-        run("--ckpt", ckpt, *flags, "--seed", seed, "--n", 1, "--save-dir", tmp_path / f"seed{seed}")
+        run_sample("--ckpt", ckpt, *flags, "--seed", seed, "--n", 1, "--save-dir", tmp_path / f"seed{seed}")
         end, alone = pixels(tmp_path / "row" / f"{i:07d}.png"), pixels(tmp_path / f"seed{seed}" / "0000000.png")
         assert np.abs(end - alone).max() <= 1
     middle = pixels(tmp_path / "row" / "0000002.png")
@@ -366,15 +352,17 @@ def test_the_ends_of_an_interpolation_are_the_seeds_plain_samples(ckpt, tmp_path
 
 
 def test_the_ends_of_an_image_interpolation_are_the_reconstructions(ckpt, inputs, tmp_path):
-    run("--ckpt", ckpt, "--interpolate", 3, "--init", inputs / "a.png", "--init2", inputs / "b.png",
-        "--save-dir", tmp_path / "row", "--out", tmp_path / "row.png")
-    run("--ckpt", ckpt, "--init", inputs, "--invert", "--save-dir", tmp_path / "inverted")
+    run_sample("--ckpt", ckpt, "--interpolate", 3, "--init", inputs / "a.png", "--init2", inputs / "b.png",
+               "--save-dir", tmp_path / "row", "--out", tmp_path / "row.png")
+    run_sample("--ckpt", ckpt, "--init", inputs, "--invert", "--save-dir", tmp_path / "inverted")
     for name, i in (("a", 0), ("b", 2)):
         end = pixels(tmp_path / "row" / f"{i:07d}.png")
         assert np.abs(end - pixels(tmp_path / "inverted" / f"{name}.png")).max() <= 1
     grid = pixels(tmp_path / "row.png")  # the two inputs at the ends of the row
-    assert np.array_equal(grid[2:2 + SIZE, 2:2 + SIZE], as_read(inputs / "a.png"))
-    assert np.array_equal(grid[2:2 + SIZE, -2 - SIZE:-2], as_read(inputs / "b.png"))
+    assert np.array_equal(grid[2:2 + TILE, 2:2 + TILE], enlarged(as_read(inputs / "a.png")))
+    assert np.array_equal(grid[2:2 + TILE, -2 - TILE:-2], enlarged(as_read(inputs / "b.png")))
+    assert np.array_equal(grid[2:2 + TILE, 4 + TILE:4 + 2 * TILE], enlarged(pixels(tmp_path / "row" / "0000000.png")))
+    assert pixels(tmp_path / "row" / "0000000.png").shape == (SIZE, SIZE, 3)
 
 
 @pytest.mark.parametrize("argv", [["--init", "{a}", "--strength", 0.7], ["--init", "{a}", "--mask", "{mask}",
@@ -384,7 +372,7 @@ def test_class_label_and_guidance_reach_every_edit(cond_ckpt, inputs, tmp_path, 
     grids = []
     labels = (["--class-label", 0], ["--class-label", 2], ["--class-label", 2, "--guidance-scale", 4])
     for i, flags in enumerate(labels):
-        run("--ckpt", cond_ckpt, *argv, *flags, "--out", tmp_path / f"{i}.png")
+        run_sample("--ckpt", cond_ckpt, *argv, *flags, "--out", tmp_path / f"{i}.png")
         grids.append(pixels(tmp_path / f"{i}.png"))
         assert json.loads((tmp_path / f"{i}.json").read_text())["class_label"] == str(flags[1])
     assert not np.array_equal(grids[0], grids[1]) and not np.array_equal(grids[1], grids[2])
@@ -428,30 +416,46 @@ def test_bad_input_is_one_line(ckpt, inputs, tmp_path, capsys, argv, needle):
     names = dict(a=inputs / "a.png", mask=inputs.parent / "mask.png", text=tmp_path / "text.png",
                  empty=tmp_path / "empty", dir=inputs)
     argv = [str(a).format(**names) for a in argv]
-    assert needle in fails(capsys, "--ckpt", ckpt, *argv, "--out", tmp_path / "g.png")
+    assert needle in sample_fails(capsys, "--ckpt", ckpt, *argv, "--out", tmp_path / "g.png")
     assert not (tmp_path / "g.png").exists()
 
 
 def test_bad_input_of_a_conditional_model_and_of_a_folder(cond_ckpt, ckpt, inputs, tmp_path, capsys):
     a = inputs / "a.png"
-    assert "--class-label all is for plain sampling" in fails(capsys, "--ckpt", cond_ckpt, "--init", a,
-                                                              "--class-label", "all")
-    assert "takes one class" in fails(capsys, "--ckpt", cond_ckpt, "--interpolate", 2, "--seed2", 1,
-                                      "--class-label", "0,1")
+    assert "--class-label all is for plain sampling" in sample_fails(capsys, "--ckpt", cond_ckpt, "--init", a,
+                                                                     "--class-label", "all")
+    assert "takes one class" in sample_fails(capsys, "--ckpt", cond_ckpt, "--interpolate", 2, "--seed2", 1,
+                                             "--class-label", "0,1")
     (tmp_path / "clash").mkdir()
     save(np.zeros((8, 8)), tmp_path / "clash" / "x.png")
     save(np.zeros((8, 8)), tmp_path / "clash" / "x.jpg")
-    assert "would both be written as x.png" in fails(capsys, "--ckpt", ckpt, "--init", tmp_path / "clash")
-    run("--ckpt", ckpt, "--init", a, "--strength", 0.5, "--save-dir", tmp_path / "out")
-    assert "(strength: 0.5 there, 0.7 now)" in fails(capsys, "--ckpt", ckpt, "--init", a, "--strength", 0.7,
-                                                     "--save-dir", tmp_path / "out")
+    assert "would both be written as x.png" in sample_fails(capsys, "--ckpt", ckpt, "--init", tmp_path / "clash")
+    run_sample("--ckpt", ckpt, "--init", a, "--strength", 0.5, "--save-dir", tmp_path / "out")
+    assert "(strength: 0.5 there, 0.7 now)" in sample_fails(capsys, "--ckpt", ckpt, "--init", a, "--strength", 0.7,
+                                                            "--save-dir", tmp_path / "out")
     (tmp_path / "text.png").write_text("not an image")  # a run that fails before any result binds no settings
-    assert "cannot read" in fails(capsys, "--ckpt", ckpt, "--interpolate", 3, "--init", tmp_path / "text.png",
-                                  "--init2", a, "--save-dir", tmp_path / "row")
-    run("--ckpt", ckpt, "--interpolate", 3, "--init", a, "--init2", inputs / "b.png", "--save-dir", tmp_path / "row")
+    assert "cannot read" in sample_fails(capsys, "--ckpt", ckpt, "--interpolate", 3, "--init", tmp_path / "text.png",
+                                         "--init2", a, "--save-dir", tmp_path / "row")
+    run_sample("--ckpt", ckpt, "--interpolate", 3, "--init", a, "--init2", inputs / "b.png",
+               "--save-dir", tmp_path / "row")
     assert len(os.listdir(tmp_path / "row")) == 4
-    run("--ckpt", ckpt, "--n", 2, "--save-dir", tmp_path / "plain")
-    assert "no settings.json" in fails(capsys, "--ckpt", ckpt, "--init", a, "--save-dir", tmp_path / "plain")
+    run_sample("--ckpt", ckpt, "--n", 2, "--save-dir", tmp_path / "plain")
+    assert "no settings.json" in sample_fails(capsys, "--ckpt", ckpt, "--init", a, "--save-dir", tmp_path / "plain")
+
+
+def test_bad_inputs_leave_no_new_save_dir_behind(ckpt, inputs, tmp_path, capsys):
+    """An empty --init folder, a folder with an unreadable image and an unreadable mask are each a one-line error
+    before anything is written: the new --save-dir is not even made, so it holds no settings.json."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "some").mkdir()
+    save(np.zeros((16, 16, 3)), tmp_path / "some" / "a.png")
+    (tmp_path / "some" / "b.png").write_text("not an image")
+    (tmp_path / "mask.png").write_text("not an image either")
+    for argv, needle in ((["--init", tmp_path / "empty", "--strength", 0.5], "no images"),
+                         (["--init", tmp_path / "some", "--strength", 0.5], "b.png"),
+                         (["--init", inputs / "a.png", "--mask", tmp_path / "mask.png", "--resample", 1], "mask")):
+        assert needle in sample_fails(capsys, "--ckpt", ckpt, *argv, "--save-dir", tmp_path / "new")
+        assert not (tmp_path / "new").exists()
 
 
 def test_an_edit_error_is_one_line_from_the_shell(ckpt, tmp_path):
@@ -468,9 +472,6 @@ def trained(tmp_path_factory):
     """The tiny network trained on two 8x8 shapes (helpers.trained_tiny_checkpoint), and those two images."""
     folder = tmp_path_factory.mktemp("trained")
     path = trained_tiny_checkpoint(folder / "last.pt")
-    from config import config_from_dict
-    from dataset import build_dataset
-    from ddpm.checkpoint import load_checkpoint
     dataset = build_dataset(config_from_dict(load_checkpoint(path)["config"]).data)
     (folder / "images").mkdir()
     for i in range(2):
@@ -485,7 +486,7 @@ def test_inversion_reconstructs_the_training_images(trained, tmp_path):
     ckpt, images = trained
     rms = []
     for steps in (5, 20):
-        run("--ckpt", ckpt, "--init", images, "--invert", "--steps", steps, "--save-dir", tmp_path / str(steps))
+        run_sample("--ckpt", ckpt, "--init", images, "--invert", "--steps", steps, "--save-dir", tmp_path / str(steps))
         rms.append(max(np.sqrt((((pixels(tmp_path / str(steps) / f"{i}.png") - pixels(images / f"{i}.png"))
                                  / 127.5) ** 2).mean()) for i in range(2)))
     assert rms[1] < 0.07 and rms[1] < 0.6 * rms[0], rms
@@ -499,7 +500,7 @@ def test_a_larger_strength_moves_further_from_the_input(trained, tmp_path):
     ckpt, images = trained
     distance = []
     for strength in (0.1, 0.5, 1.0):
-        run("--ckpt", ckpt, "--init", images, "--strength", strength, "--save-dir", tmp_path / str(strength))
+        run_sample("--ckpt", ckpt, "--init", images, "--strength", strength, "--save-dir", tmp_path / str(strength))
         distance.append(np.mean([np.abs(pixels(tmp_path / str(strength) / f"{i}.png") - pixels(images / f"{i}.png"))
                                  .mean() for i in range(2)]))
     assert distance[0] < distance[1] < distance[2], distance

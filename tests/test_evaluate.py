@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from helpers import ROOT, TinyExtractor, assert_one_line_error, files_in, run_script, tiny_checkpoint
+from helpers import (
+    ROOT,
+    TinyExtractor,
+    assert_one_line_error,
+    fails_in_process,
+    files_in,
+    run_script,
+    tiny_checkpoint,
+)
 from PIL import Image
 
 import evaluate
@@ -77,16 +85,35 @@ def test_feature_stats_in_chunks_equal_numpy():
     assert np.allclose(sigma, np.cov(f.astype(np.float64), rowvar=False), atol=1e-12)
 
 
+def unbiased_mmd2(x, y) -> float:
+    """The unbiased MMD^2 of two samples of m rows each, summed pair by pair in float64, with the polynomial
+    kernel k(a, b) = (a.b / d + 1)^3 (d the features' dimension)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    m, d = x.shape
+
+    def k(a, b):
+        return (a @ b / d + 1) ** 3
+    return (sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+            - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2)
+
+
 def test_polynomial_mmd_equals_the_sum_over_pairs():
     rng = np.random.default_rng(4)
     x, y = rng.normal(size=(6, 3)), rng.normal(size=(6, 3)) + 1
-
-    def k(a, b):
-        return (a @ b / 3 + 1) ** 3
-    m = 6
-    expected = (sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-                - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2)
+    expected = unbiased_mmd2(x, y)
     assert metrics.polynomial_mmd(x, y) == pytest.approx(expected, rel=1e-12)
+
+
+def test_kid_of_one_subset_of_the_whole_set_is_the_unbiased_mmd():
+    """One subset as large as both sets is each set once in some order (drawn without replacement), and the MMD
+    does not depend on the order: KID is the unbiased MMD^2 of the sets (float32 features, as the Inception's)."""
+    rng = np.random.default_rng(7)
+    f1 = rng.normal(size=(40, 8)).astype(np.float32)
+    f2 = (rng.normal(size=(40, 8)) * 1.2 + 0.3).astype(np.float32)
+    expected = unbiased_mmd2(f1, f2)
+    for subset_size in (40, 1000):  # capped at the sets' size
+        mean, std = metrics.kernel_inception_distance(f1, f2, num_subsets=1, subset_size=subset_size, seed=3)
+        assert mean == pytest.approx(expected, rel=1e-12, abs=1e-14) and std == 0.0
 
 
 def test_kid_near_zero_for_one_distribution_and_clearly_positive_for_two():
@@ -181,6 +208,25 @@ def test_missing_weights_is_one_line_error_without_download(tmp_path, folders):
     assert not (tmp_path / "m.json").exists()
     with pytest.raises(UserError, match="nowhere.pth"):
         metrics.load_inception("nowhere.pth", "cpu")
+
+
+def test_inputs_a_user_can_fix_are_reported_before_the_missing_weights(tmp_path, folders, capsys):
+    """One image in --samples-dir, an empty --ref-dir and --prompts on an unconditional checkpoint are each
+    reported as such with no Inception weights anywhere; with good inputs the same command names the weights."""
+    a, b, _ = folders
+    one, empty = tmp_path / "one", tmp_path / "empty"
+    write_pngs(one, make_shapes(1, 16, 3, seed=0)[0])
+    empty.mkdir()
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    ckpt = tiny_checkpoint(tmp_path / "uncond.pt")
+    weights = ["--inception-weights", str(tmp_path / "none.pth"), "--device", "cpu", "--out", str(tmp_path / "m.json")]
+    for args, needle in ((["--samples-dir", str(one), "--ref-dir", b], "holds 1 image"),
+                         (["--samples-dir", a, "--ref-dir", str(empty)], "no images"),
+                         (["--ckpt", ckpt, "--prompts", str(tmp_path / "prompts.txt"), "--ref-dir", b], "prompt")):
+        line = fails_in_process(capsys, evaluate.main, *args, *weights)
+        assert needle in line and "none.pth" not in line, line
+    assert "none.pth" in fails_in_process(capsys, evaluate.main, "--samples-dir", a, "--ref-dir", b, *weights)
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_real_extractor_loads_a_local_weights_file(tmp_path):

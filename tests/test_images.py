@@ -1,5 +1,6 @@
 """Reading image files: every mode Pillow opens decodes to the values a viewer shows (checked pixel by pixel
-against values worked out by hand), and a folder scan counts each image once whatever links it holds."""
+against values worked out by hand), a folder scan counts each image once whatever links it holds, and pictures
+show small images enlarged by nearest neighbour."""
 import os
 
 import numpy as np
@@ -9,7 +10,7 @@ from PIL import Image
 
 from config import DataConfig
 from dataset import build_dataset
-from ddpm.images import list_images, open_image
+from ddpm.images import list_images, make_grid, open_image
 
 WHITE = 255
 
@@ -137,3 +138,19 @@ def test_folder_scan_terminates_and_counts_each_image_once(tmp_path):
     os.symlink(outside, root / "linked")                   # a linked folder outside the root is followed
     files = list_images(str(root))
     assert [os.path.relpath(f, root) for f in files] == ["cats/a.png", "cats/b.png", "dogs/c.png", "linked/d.png"]
+
+
+@pytest.mark.parametrize("size, tile", [(8, 64), (16, 64), (28, 84), (32, 64), (48, 96), (64, 64), (100, 100)])
+def test_pictures_enlarge_small_images_to_tiles_of_64_pixels_or_more(size, tile):
+    """The README's rule: each image of a grid is enlarged by the least integer factor that makes it at least 64
+    pixels (8 -> 64, 28 -> 84, 48 -> 96, 100 stays), each pixel a block of that factor squared, with 2 white
+    pixels around each tile."""
+    images = torch.from_numpy(np.random.default_rng(size).integers(0, 255, (3, 3, size, size), dtype=np.uint8))
+    grid = make_grid(images, nrow=2)  # (H, W, C)
+    assert grid.shape == (2 + 2 * (tile + 2), 2 + 2 * (tile + 2), 3)
+    k = tile // size
+    for i in range(3):
+        top, left = 2 + (i // 2) * (tile + 2), 2 + (i % 2) * (tile + 2)
+        expected = images[i].permute(1, 2, 0).numpy().repeat(k, axis=0).repeat(k, axis=1)
+        assert np.array_equal(grid[top:top + tile, left:left + tile], expected)
+    assert (grid[:2] == 255).all() and (grid[2 + tile + 2:, 2 + tile + 2:] == 255).all()  # padding, the empty 4th

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from helpers import CONFIG, ROOT, make_diffusion, perturb_zero_params, tiny_checkpoint, tiny_unet
+from helpers import CONFIG, ROOT, TINY_NET, make_diffusion, perturb_zero_params, tiny_checkpoint, tiny_unet
 
 from config import ModelConfig, load_config, to_dict
 from ddpm.checkpoint import (
@@ -19,16 +19,6 @@ from ddpm.checkpoint import (
 )
 from model import Attention, Downsample, ResBlock, UNet, group_norm, timestep_embedding
 from utils import UserError
-
-TINY_OVERRIDES = ["model.base_channels=16", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
-                  "model.attention_resolutions=[8]", "data.image_size=16", "diffusion.timesteps=20",
-                  "sample.steps=10"]
-
-
-def tiny(seed=0, **fields) -> UNet:
-    """The tiny U-Net as built, zero-initialised output layers and all."""
-    return tiny_unet(seed, perturb=False, **fields)
-
 
 # ---- timestep embedding --------------------------------------------------------------------------------------
 
@@ -166,7 +156,7 @@ def test_the_paper_choices_are_the_defaults_and_reach_every_layer():
         assert (m.time_embedding, m.downsample_padding, m.norm_eps) == ("ddpm", "same", 1e-6)
     for fields, pad, eps in [({}, (0, 1, 0, 1), 1e-6),
                              (dict(downsample_padding="symmetric", norm_eps=1e-5), None, 1e-5)]:
-        model = tiny(**fields)
+        model = tiny_unet(perturb=False, **fields)
         norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
         assert len(norms) > 10 and all(n.eps == eps for n in norms)
         downs = [m for m in model.modules() if isinstance(m, Downsample)]
@@ -176,10 +166,10 @@ def test_the_paper_choices_are_the_defaults_and_reach_every_layer():
 def test_base_channels_must_suit_the_time_embedding():
     for bad in ("model.base_channels=2", "model.base_channels=15"):
         with pytest.raises(UserError, match="model.base_channels"):
-            load_config(None, TINY_OVERRIDES + [bad])
-    load_config(None, TINY_OVERRIDES + ["model.base_channels=2", "model.time_embedding=transformer"])
+            load_config(None, TINY_NET + [bad])
+    load_config(None, TINY_NET + ["model.base_channels=2", "model.time_embedding=transformer"])
     with pytest.raises(UserError, match="model.norm_eps"):
-        load_config(None, TINY_OVERRIDES + ["model.norm_eps=0"])
+        load_config(None, TINY_NET + ["model.norm_eps=0"])
 
 
 # ---- the U-Net -------------------------------------------------------------------------------------------------
@@ -200,7 +190,7 @@ def test_paper_model_has_35_7m_parameters():
     (64, 1, (1, 1, 2, 2), (16, 8)),
 ])
 def test_output_shape_equals_input_and_starts_at_zero(size, channels, mults, attn):
-    model = tiny(seed=3, channels=channels, size=size, channel_mults=mults, attention_resolutions=attn)
+    model = tiny_unet(3, perturb=False, channels=channels, size=size, channel_mults=mults, attention_resolutions=attn)
     x = torch.randn(2, channels, size, size)
     t = torch.tensor([0, 999])
     with torch.no_grad():
@@ -218,17 +208,17 @@ def test_output_shape_equals_input_and_starts_at_zero(size, channels, mults, att
 def test_attention_is_placed_at_the_named_resolutions():
     # 16x16 (level 0), 8x8 (level 1): attention only at 8, i.e. in level 1's blocks, the middle, and level 1 up
     for nrb in (1, 2):
-        model = tiny(num_res_blocks=nrb)
+        model = tiny_unet(perturb=False, num_res_blocks=nrb)
         n_attn = sum(isinstance(m, Attention) for m in model.modules())
         assert n_attn == nrb + 1 + (nrb + 1), nrb
-        model = tiny(num_res_blocks=nrb, attention_resolutions=(16,))
+        model = tiny_unet(perturb=False, num_res_blocks=nrb, attention_resolutions=(16,))
         assert sum(isinstance(m, Attention) for m in model.modules()) == nrb + 1 + (nrb + 1)
-        model = tiny(num_res_blocks=nrb, attention_resolutions=())
+        model = tiny_unet(perturb=False, num_res_blocks=nrb, attention_resolutions=())
         assert sum(isinstance(m, Attention) for m in model.modules()) == 1  # the middle always has one
 
 
 def test_output_depends_on_t():
-    model = perturb_zero_params(tiny(seed=4))
+    model = perturb_zero_params(tiny_unet(4, perturb=False))
     x = torch.randn(1, 3, 16, 16).expand(2, -1, -1, -1)
     with torch.no_grad():
         out = model(x, torch.tensor([3, 700]))
@@ -236,7 +226,7 @@ def test_output_depends_on_t():
 
 
 def test_class_labels_and_the_null_label():
-    model = tiny(seed=5, num_classes=4)
+    model = tiny_unet(5, perturb=False, num_classes=4)
     assert model.label_emb.num_embeddings == 5  # labels 0..3 and the null label 4
     x = torch.randn(3, 3, 16, 16)
     t = torch.tensor([10, 10, 10])
@@ -256,30 +246,30 @@ def test_class_labels_and_the_null_label():
 
 
 def test_unconditional_model_has_no_label_embedding():
-    model = tiny()
+    model = tiny_unet(perturb=False)
     assert model.label_emb is None
     assert not any("label_emb" in k for k in model.state_dict())
 
 
 def test_num_heads_must_divide_the_channels():
     with pytest.raises(ValueError, match="num_heads"):
-        tiny(num_heads=3)   # 32 channels at 8x8 (the attention resolution)
+        tiny_unet(perturb=False, num_heads=3)   # 32 channels at 8x8 (the attention resolution)
     with pytest.raises(ValueError, match="num_heads"):
         Attention(10, 4, eps=1e-6)
-    model = tiny(num_heads=4)  # 4 divides 16 and 32
+    model = tiny_unet(perturb=False, num_heads=4)  # 4 divides 16 and 32
     with torch.no_grad():
         assert model(torch.randn(1, 3, 16, 16), torch.tensor([1])).shape == (1, 3, 16, 16)
 
 
 def test_from_config_refuses_unresolved_auto_classes():
-    cfg = load_config(None, TINY_OVERRIDES + ["model.num_classes=auto"])
+    cfg = load_config(None, TINY_NET + ["model.num_classes=auto"])
     with pytest.raises(ValueError, match="auto"):
         UNet.from_config(cfg)
 
 
 def test_small_model_overfits_a_small_batch():
     torch.manual_seed(6)
-    model = tiny(seed=6).train()
+    model = tiny_unet(6, perturb=False).train()
     d = make_diffusion(timesteps=100)
     x0 = torch.rand(4, 3, 16, 16) * 2 - 1
     t = torch.tensor([5, 30, 60, 90])
@@ -300,7 +290,7 @@ def test_small_model_overfits_a_small_batch():
 
 def test_gradients_reach_every_parameter():
     """After the zero-initialised layers are perturbed, every parameter gets a gradient (nothing is dead)."""
-    model = perturb_zero_params(tiny(seed=7, num_classes=3)).train()
+    model = perturb_zero_params(tiny_unet(7, perturb=False, num_classes=3)).train()
     d = make_diffusion(timesteps=50)
     x0 = torch.rand(4, 3, 16, 16) * 2 - 1
     d.loss(model, x0, torch.tensor([0, 1, 2, 0]), t=torch.tensor([1, 10, 20, 40])).backward()
@@ -320,7 +310,7 @@ def make_state(cfg, model):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    cfg = load_config(None, TINY_OVERRIDES)
+    cfg = load_config(None, TINY_NET)
     model = perturb_zero_params(UNet.from_config(cfg))
     path = str(tmp_path / "sub" / "last.pt")
     save_checkpoint(make_state(cfg, model), path)
@@ -382,8 +372,8 @@ def test_load_checkpoint_errors(tmp_path, write, fragments):
 
 
 def test_load_weights_names_the_mismatch():
-    small = tiny(base_channels=16)
-    other = tiny(base_channels=32)
+    small = tiny_unet(perturb=False, base_channels=16)
+    other = tiny_unet(perturb=False, base_channels=32)
     with pytest.raises(UserError) as e:
         load_weights(small, other.state_dict(), "the checkpoint's weights")
     msg = str(e.value)
@@ -393,25 +383,25 @@ def test_load_weights_names_the_mismatch():
     assert str(list(other.state_dict()[named[0]].shape)) in msg
 
     # a missing key is named too (a conditional checkpoint into an unconditional model)
-    cond = tiny(num_classes=3)
+    cond = tiny_unet(perturb=False, num_classes=3)
     with pytest.raises(UserError) as e:
         load_weights(small, cond.state_dict(), "weights")
     assert "label_emb.weight" in str(e.value)
 
     # and matching weights load
-    src = perturb_zero_params(tiny(seed=9))
-    dst = tiny(seed=10)
+    src = perturb_zero_params(tiny_unet(9, perturb=False))
+    dst = tiny_unet(10, perturb=False)
     load_weights(dst, src.state_dict(), "weights")
     for k, v in src.state_dict().items():
         assert torch.equal(dst.state_dict()[k], v), k
 
 
 def test_check_same_architecture_names_the_field():
-    cfg = load_config(None, TINY_OVERRIDES)
+    cfg = load_config(None, TINY_NET)
     ckpt = {"config": to_dict(cfg)}
     check_same_architecture(ckpt, cfg, "x.pt")  # the same: no error
-    check_same_architecture(ckpt, load_config(None, TINY_OVERRIDES + ["model.dropout=0.3"]), "x.pt")
-    check_same_architecture(ckpt, load_config(None, TINY_OVERRIDES + ["train.lr=1e-3"]), "x.pt")
+    check_same_architecture(ckpt, load_config(None, TINY_NET + ["model.dropout=0.3"]), "x.pt")
+    check_same_architecture(ckpt, load_config(None, TINY_NET + ["train.lr=1e-3"]), "x.pt")
     for override, field in [("model.base_channels=32", "model.base_channels"),
                             ("model.channel_mults=[1,1]", "model.channel_mults"),
                             ("model.num_classes=10", "model.num_classes"),
@@ -421,7 +411,7 @@ def test_check_same_architecture_names_the_field():
                             ("model.time_embedding=transformer", "model.time_embedding"),
                             ("model.downsample_padding=symmetric", "model.downsample_padding"),
                             ("model.norm_eps=1e-5", "model.norm_eps")]:
-        other = load_config(None, TINY_OVERRIDES + [override])
+        other = load_config(None, TINY_NET + [override])
         with pytest.raises(UserError) as e:
             check_same_architecture(ckpt, other, "x.pt")
         msg = str(e.value)
@@ -456,7 +446,7 @@ def test_a_stored_config_without_the_options_means_the_old_network(tmp_path):
     assert all(d.pad is None for d in model.modules() if isinstance(d, Downsample))
     # resuming it under today's defaults is refused, naming the option
     with pytest.raises(UserError, match="model.time_embedding"):
-        check_same_architecture(old, load_config(None, TINY_OVERRIDES), "old.pt")
+        check_same_architecture(old, load_config(None, TINY_NET), "old.pt")
 
 
 def test_an_old_checkpoint_gives_the_images_it_gave():

@@ -1,6 +1,8 @@
 """Faults real machines have: a disk that fills during a save, a folder that cannot be written, two runs on
 one folder, a killed run. Each ends in one line and a non-zero exit, and nothing the user had is lost."""
+import math
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -17,15 +19,16 @@ from helpers import (
     assert_one_line_error,
     fails_in_process,
     run_script,
-    tiny_checkpoint,
+    sample_fails,
 )
 from PIL import Image
 
+import evaluate
 import sample
 import train
 from ddpm.distributed import torchrun_env
-from ddpm.run_log import smooth
-from utils import UserError
+from ddpm.run_log import loss_figure, smooth
+from utils import UserError, read_json
 
 TRAIN = [os.path.join(ROOT, "train.py"), "--config", CONFIG, "--name", "t", *TINY]
 
@@ -138,21 +141,62 @@ def test_overrides_before_between_and_after_flags():
 # ---- pictures that mislead -----------------------------------------------------------------------------------
 
 def test_the_smoothed_loss_curve_tracks_the_data():
-    """A falling, noisy curve logged as the quickstart logs it (every 50 of 2,000 steps): the raw points lie on
-    both sides of the smoothed curve about equally often (the exponential average used before lay above all
-    but 0.4% of them), and a straight line is kept exactly."""
-    steps = np.arange(50, 2001, 50)
+    """A falling, noisy curve logged every 25 of 2,000 steps (80 points, so smoothed): the raw points lie on both
+    sides of the smoothed curve about equally often (the exponential average used before lay above all but 0.4%
+    of them), and an exponential decay, a straight line on the log axis, is kept exactly."""
+    steps = np.arange(25, 2001, 25)
     trend = 0.05 + 0.5 * np.exp(-steps / 400)
     above = []
     for seed in range(200):
         raw = trend * np.exp(np.random.default_rng(seed).normal(0, 0.1, len(steps)))
         above.append(np.mean(raw[2:] > smooth(raw)[2:]))
-    # 200 x 38 points: the mean fraction is 0.47 here (a point is a fifth of its own window, and the curve is
-    # convex); its sampling error is below 0.01
+    # 200 x 78 points: a point is a fifth of its own window, and the curve is convex; the sampling error of the
+    # mean fraction is below 0.01
     assert 0.4 < np.mean(above) < 0.6, np.mean(above)
-    line = 3.0 - 0.001 * np.arange(500)
-    assert np.allclose(smooth(line), line, rtol=0, atol=1e-9)
+    decay = 0.8 * np.exp(-np.arange(500) / 60)
+    assert np.allclose(smooth(decay), decay, rtol=1e-12, atol=0)
     assert smooth([2.0]).tolist() == [2.0] and smooth([]).tolist() == []
+
+
+def quickstart_like_history(noise=0.0):
+    """14 logged points of a steep convex loss, as the quickstart logs them (every 50 of 700 steps): from 0.68 at
+    step 50 down to 0.03 (0.03 + 1.5 exp(-step / 60)), times exp(noise N(0, 1)) per point."""
+    steps = np.arange(50, 701, 50)
+    loss = (0.03 + 1.5 * np.exp(-steps / 60)) * np.exp(noise * np.random.default_rng(0).normal(size=len(steps)))
+    return {"step": steps.tolist(), "loss": loss.tolist()}
+
+
+def test_a_short_steep_loss_curve_is_drawn_through_its_points_not_above_them():
+    """With 14 points no plotted curve lies above the raw points: checked at every logged step, every line of the
+    figure is at most the raw loss there (1e-12 relative). The centred 5-point average drawn before lay above it
+    at steps 100 to 650 (a mean of a convex curve's values exceeds the value at the centre)."""
+    for noise in (0.0, 0.1):
+        history = quickstart_like_history(noise)
+        ax = loss_figure(history, "q").axes[0]
+        raw = dict(zip(history["step"], history["loss"]))
+        assert ax.lines
+        for line in ax.lines:
+            for x, y in zip(line.get_xdata(), line.get_ydata()):
+                assert y <= raw[x] * (1 + 1e-12), (line.get_label(), x, y, raw[x])
+
+
+def test_the_loss_axis_is_labelled_in_plain_decimals():
+    """The quickstart's range (0.03 to 0.68, 1.4 decades): the labels drawn are plain decimals (0.05, 0.1, 0.2, 0.3,
+    0.5), each the value of its tick, not mathtext such as 2x10^-1; a range within one decade labels every minor
+    tick (0.2, 0.3, ...)."""
+    for history, expected in ((quickstart_like_history(), {"0.05", "0.1", "0.2", "0.3", "0.5"}),
+                              ({"step": [1, 2, 3], "loss": [0.62, 0.4, 0.21]}, {"0.3", "0.4", "0.5", "0.6"})):
+        fig = loss_figure(history, "q")
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        low, high = ax.get_ylim()
+        labels = {}
+        for tick in ax.yaxis.get_major_ticks() + ax.yaxis.get_minor_ticks():
+            if tick.label1.get_visible() and tick.label1.get_text() and low <= tick.get_loc() <= high:
+                labels[tick.label1.get_text()] = tick.get_loc()
+        assert expected <= set(labels), labels
+        for text, value in labels.items():
+            assert re.fullmatch(r"\d+(\.\d+)?", text) and math.isclose(float(text), value, rel_tol=1e-9), labels
 
 
 # ---- interrupts ----------------------------------------------------------------------------------------------
@@ -189,7 +233,6 @@ def test_an_interrupted_data_set_build_ends_in_one_line(tmp_path, many_images, s
 
 @pytest.mark.parametrize("side", ["samples", "reference"])
 def test_evaluate_with_fewer_than_two_images_is_one_line(tmp_path, capsys, side):
-    import evaluate
     one, many = tmp_path / "one", tmp_path / "many"
     for folder, n in ((one, 1), (many, 4)):
         folder.mkdir()
@@ -205,13 +248,7 @@ def test_evaluate_with_fewer_than_two_images_is_one_line(tmp_path, capsys, side)
 
 # ---- sample.py and evaluate.py: outputs, folders in use, interrupts, overrides -------------------------------
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "last.pt")
-
-
 def test_an_output_is_written_in_the_format_its_name_says_or_refused(ckpt, tmp_path, capsys):
-    import sample
     sample.main(["--ckpt", ckpt, "--n", "2", "--out", str(tmp_path / "grid.jpg"), "--device", "cpu"])
     with Image.open(tmp_path / "grid.jpg") as img:
         assert img.format == "JPEG"
@@ -233,7 +270,7 @@ def test_a_second_sampler_on_a_folder_being_filled_is_refused(ckpt, tmp_path, ca
         deadline = time.time() + 120
         while not (tmp_path / "s" / "0000000.png").exists() and time.time() < deadline:
             time.sleep(0.05)
-        err = fails_in_process(capsys, sample.main, *argv[1:], "--n", "2")
+        err = sample_fails(capsys, *argv[1:], "--n", "2")
         assert all(k in err for k in (str(tmp_path / "s"), "in use", str(first.pid))), err
         first.send_signal(signal.SIGINT)  # Ctrl-C: what is there, and how to go on, in one line
         _, err = first.communicate(timeout=120)
@@ -262,7 +299,6 @@ def test_sampling_into_a_folder_says_what_an_interrupt_left(ckpt, tmp_path):
 
 
 def test_evaluate_takes_overrides_anywhere(ckpt, tmp_path, monkeypatch):
-    import evaluate
     monkeypatch.chdir(tmp_path)
     record = evaluate.main(["sample.seed=3", "--ckpt", ckpt, "--n", "2", "--steps", "2", "sample.eta=0.5",
                             "--device", "cpu"], extractor=TinyExtractor())
@@ -283,7 +319,6 @@ def test_a_full_disk_while_sampling_is_one_line_and_leaves_no_temporary_file(ckp
     (b"[\xff]", "metrics file '{p}' is not UTF-8 text"),
 ])
 def test_a_bad_json_file_is_one_line(tmp_path, content, needle):
-    from utils import read_json
     path = tmp_path / "metrics.json"
     path.write_bytes(content)
     with pytest.raises(UserError) as e:

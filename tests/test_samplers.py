@@ -10,6 +10,7 @@ from diffusion_refs import GaussianEps, ref_linear_betas, ref_schedule
 from helpers import make_diffusion, tiny_unet
 
 from config import SampleConfig
+from ddpm.generation import generate
 from ddpm.samplers import (
     SPACINGS,
     dpmpp_coefficients,
@@ -346,7 +347,6 @@ def test_guidance_and_thresholding_reach_every_sampler(sampler):
 
 def test_every_sampler_starts_from_the_same_x_T():
     """sampling.generate draws x_T first from the generator, whatever the sampler and its steps."""
-    from ddpm.generation import generate
     d = make_diffusion(timesteps=20)
     model = tiny_unet(seed=10)
     first = []

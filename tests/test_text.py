@@ -33,7 +33,7 @@ import train
 from config import ConfigError, DataConfig, SampleConfig, load_config
 from dataset import build_dataset
 from ddpm import generation
-from ddpm.captions import SHAPE_COLOURS, colour_hue_range
+from ddpm.captions import SHAPE_COLOURS, colour_hue_range, label_captions
 from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
 from ddpm.conditions import grid_captions
 from ddpm.image_cache import load_uint8
@@ -42,6 +42,7 @@ from model import CrossAttention, UNet
 from utils import UserError
 
 SIZE = 8  # the trained model's images (helpers.TINY)
+TILE = 64  # ... as the grids show them: enlarged 8x, to tiles of at least 64 pixels
 KINDS = ("circle", "square", "triangle")
 # the captioned shapes run: 8x8 RGB shapes, a learned encoder of width 32, 200 steps (about 40 s on 2 cores)
 TEXT_RUN = [*TINY, "model.text_encoder=learned", "model.text_width=32", "model.text_layers=1",
@@ -122,7 +123,6 @@ def test_bad_metadata_lines_are_named(tmp_path, line, needle):
 
 
 def test_torchvision_sets_are_captioned_from_their_labels():
-    from ddpm.captions import label_captions
     cifar = ["airplane", "automobile", "bird"]
     assert label_captions("cifar10", cifar, torch.tensor([2, 0, 1])) == [
         "a photo of a bird", "a photo of an airplane", "a photo of an automobile"]
@@ -328,7 +328,7 @@ def test_clip_model_trains_and_samples_by_prompt(clip_folder, tmp_path, monkeypa
     assert ckpt["model"]["text_proj.weight"].shape[1] == 32
     sample.main(["--ckpt", "checkpoints/c/last.pt", "--prompt", "a red circle", "--prompt", "a blue square",
                  "--n", "4", "--guidance-scale", "2", "--negative-prompt", "a green triangle", "--out", "g.png"])
-    assert Image.open("g.png").size == (2 + 2 * (SIZE + 2), 2 + 2 * (SIZE + 2))
+    assert Image.open("g.png").size == (2 + 2 * (TILE + 2), 2 + 2 * (TILE + 2))
 
 
 def test_clip_weights_missing_or_of_another_width(clip_folder, tmp_path):
@@ -384,7 +384,7 @@ def test_training_writes_the_vocabulary_and_grids_of_the_datas_captions(text_run
     rows = (text_run / "results" / "t" / "samples" / "captions.txt").read_text().splitlines()
     assert len(rows) == 4 and all(r.split()[1] in SHAPE_COLOURS and r.split()[2] in KINDS for r in rows)
     grid = Image.open(text_run / "results" / "t" / "samples" / "step_0000200.png")
-    assert grid.size == (2 + SIZE + 2, 2 + 4 * (SIZE + 2))  # train.sample_n = 4 images: one row per caption
+    assert grid.size == (2 + TILE + 2, 2 + 4 * (TILE + 2))  # train.sample_n = 4 images: one row per caption
 
 
 def test_prompt_rows_and_a_folder_with_the_prompts_beside_the_images(text_run, tmp_path, capsys):
@@ -393,7 +393,7 @@ def test_prompt_rows_and_a_folder_with_the_prompts_beside_the_images(text_run, t
                  "--out", str(tmp_path / "g.png"), "--steps", "3"])
     out = capsys.readouterr().out
     assert "2 images for each of the 2 prompts, 4 in all" in out and "<unk>: tiny" in out
-    assert Image.open(tmp_path / "g.png").size == (2 + 2 * (SIZE + 2), 2 + 2 * (SIZE + 2))
+    assert Image.open(tmp_path / "g.png").size == (2 + 2 * (TILE + 2), 2 + 2 * (TILE + 2))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a green triangle\n\na yellow square\n", encoding="utf-8")
     argv = ["--ckpt", str(path), "--prompts", str(prompts), "--n", "4", "--save-dir", str(tmp_path / "s"),
@@ -524,7 +524,7 @@ def test_bf16_autocast_on_the_cpu(tmp_path, monkeypatch):
     assert all(math.isfinite(v) for v in load_checkpoint("checkpoints/b/last.pt")["log"]["loss"])
     sample.main(["--ckpt", "checkpoints/b/last.pt", "--prompt", "a red circle", "--n", "2", "--guidance-scale", "2",
                  "--out", "g.png", "sample.precision=bf16"])
-    assert Image.open("g.png").size == (2 + 2 * (SIZE + 2), 2 + SIZE + 2)
+    assert Image.open("g.png").size == (2 + 2 * (TILE + 2), 2 + TILE + 2)
 
 
 def test_from_config_needs_the_text_state():

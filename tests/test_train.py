@@ -1,5 +1,6 @@
 """train.py: outputs of a short run, exact resume after SIGKILL, atomic checkpoints, accumulation, AMP, bad input."""
 import csv
+import json
 import math
 import os
 import signal
@@ -9,15 +10,24 @@ import time
 
 import pytest
 import torch
-from helpers import CONFIG, ROOT, TINY, TinyExtractor, assert_one_line_error, fails_in_process, run_script
+from helpers import (
+    CONFIG,
+    ROOT,
+    TINY,
+    RunsCode,
+    TinyExtractor,
+    assert_one_line_error,
+    fails_in_process,
+    run_script,
+    tiny_trainer,
+)
 from PIL import Image
 
 import train
 from config import load_config
-from dataset import build_dataset
 from ddpm import training_step
 from ddpm.checkpoint import load_checkpoint, save_checkpoint
-from ddpm.training_step import Trainer, ema_decay, lr_factor
+from ddpm.training_step import ema_decay, lr_factor
 from diffusion import GaussianDiffusion
 from utils import UserError
 
@@ -45,8 +55,29 @@ def test_short_run_writes_every_output(tmp_path, monkeypatch):
     assert Image.open(out / "plots" / "loss.png").size[0] > 100
     for step in (3, 6):
         grid = Image.open(out / "samples" / f"step_{step:07d}.png")
-        assert grid.size == (2 + 2 * (8 + 2), 2 + 2 * (8 + 2))  # 4 samples of 8x8: a 2x2 grid, 2px padding
+        # 4 samples of 8x8: a 2x2 grid, each enlarged 8x to a 64-pixel tile, 2px padding
+        assert grid.size == (2 + 2 * (64 + 2), 2 + 2 * (64 + 2))
     assert load_config(str(out / "config.yaml")).model.base_channels == 16
+
+
+def test_a_log_file_gets_a_bounded_number_of_bytes_per_step(tmp_path, monkeypatch, capsys):
+    """Into a file or a pipe (here pytest's capture: not a terminal), a run of 25 steps of at least 0.1 s each,
+    where a progress bar would redraw at every step (tqdm redraws every 0.1 s, about 90 bytes each), writes plain
+    progress lines on stderr instead: at most one every 10 s and one at the end, so at most 10 bytes a step here
+    (lines of about 110 bytes, the run under 20 s)."""
+    step = training_step.Trainer.train_step
+
+    def slow_step(self):
+        time.sleep(0.1)
+        return step(self)
+    monkeypatch.setattr(training_step.Trainer, "train_step", slow_step)
+    started = time.monotonic()
+    run_train(tmp_path, monkeypatch, "train.max_steps=25", "train.log_every=5", "train.save_every=100")
+    elapsed, err = time.monotonic() - started, capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) <= 1 + elapsed // 10 and all(line.startswith("train: ") for line in lines), err
+    assert lines[-1].startswith("train: 25/25 step (100%)") and "loss=" in lines[-1], err
+    assert len(err.encode()) / 25 <= 10 or elapsed > 20, (elapsed, err)
 
 
 def test_keep_last_prunes_old_step_checkpoints(tmp_path, monkeypatch):
@@ -61,9 +92,10 @@ def weights(path):
     return ckpt["model"], ckpt["ema"], ckpt["optimizer"]["state"]
 
 
-def test_resume_after_sigkill_is_exact(tmp_path):
-    """A run killed with SIGKILL and resumed logs the same loss at every later step and ends with the same
-    weights, EMA and optimiser state as a run that was never interrupted."""
+def test_resume_after_sigkill_is_exact(tmp_path, monkeypatch, capsys):
+    """A run killed with SIGKILL and resumed (by the same command, run in this process: one import of torch
+    fewer) logs the same loss at every later step and ends with the same weights, EMA and optimiser state as a
+    run that was never interrupted."""
     args = [os.path.join(ROOT, "train.py"), "--config", CONFIG, "--name", "r", *TINY, "data.image_size=16",
             "model.attention_resolutions=[8]", "train.max_steps=30", "train.save_every=4", "model.dropout=0.1"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -82,10 +114,11 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     stopped_at = load_checkpoint(str(killed / "checkpoints" / "r" / "last.pt"))["step"]
     assert 8 <= stopped_at < 30
-    resumed = run_script(args, killed)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    monkeypatch.chdir(killed)
+    capsys.readouterr()
+    train.main(args[1:])  # exits (code 2) on any error
     assert straight.wait(timeout=300) == 0, straight.stderr.read()[-2000:]
-    assert f"resuming from checkpoints/r/last.pt at step {stopped_at}" in resumed.stdout
+    assert f"resuming from checkpoints/r/last.pt at step {stopped_at}" in capsys.readouterr().out
 
     a = read_csv(whole / "results" / "r" / "plots" / "losses.csv")
     b = read_csv(killed / "results" / "r" / "plots" / "losses.csv")
@@ -170,20 +203,15 @@ def test_sigkill_during_checkpoint_writes_leaves_a_loadable_last_pt(tmp_path):
         assert torch.equal(ckpt["w"], torch.full((4_000_000,), float(ckpt["step"])))
 
 
-def make_trainer(*overrides):
-    cfg = load_config(CONFIG, [*TINY, *overrides])
-    return Trainer(cfg, torch.device("cpu"), 0, 1, build_dataset(cfg.data), print)
-
-
 def test_gradient_accumulation_matches_one_big_step():
-    one, two = make_trainer("train.grad_accum=1"), make_trainer("train.grad_accum=2")
+    one, two = tiny_trainer("train.grad_accum=1"), tiny_trainer("train.grad_accum=2")
     for _ in range(3):
         loss1, norm1 = one.train_step()
         loss2, norm2 = two.train_step()
         assert torch.allclose(loss1, loss2, rtol=1e-5) and torch.allclose(norm1, norm2, rtol=1e-4)
     for (k, p1), p2 in zip(one.model.named_parameters(), two.model.parameters()):
         assert torch.allclose(p1, p2, atol=1e-6), k
-    assert not torch.equal(next(one.model.parameters()), next(make_trainer().model.parameters()))
+    assert not torch.equal(next(one.model.parameters()), next(tiny_trainer().model.parameters()))
 
 
 def test_compile_failure_falls_back_to_eager_on_the_same_batch(monkeypatch):
@@ -197,9 +225,8 @@ def test_compile_failure_falls_back_to_eager_on_the_same_batch(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: Broken(module))
     messages = []
-    cfg = load_config(CONFIG, [*TINY, "train.compile=true"])
-    compiled = Trainer(cfg, torch.device("cpu"), 0, 1, build_dataset(cfg.data), messages.append)
-    plain = make_trainer()
+    compiled = tiny_trainer("train.compile=true", log=messages.append)
+    plain = tiny_trainer()
     for step in range(3):
         loss, _ = compiled.train_step_with_compile_fallback() if step == 0 else compiled.train_step()
         assert torch.equal(loss, plain.train_step()[0])  # the failed attempt used up no batch and no step
@@ -217,7 +244,7 @@ def test_mixed_precision_on_cpu(precision):
             torch.ones(2, 2) @ torch.ones(2, 2)
     except RuntimeError:
         pytest.skip(f"this PyTorch has no CPU autocast for {precision}")
-    trainer = make_trainer(f"train.precision={precision}")
+    trainer = tiny_trainer(f"train.precision={precision}")
     before = [p.detach().clone() for p in trainer.model.parameters()]
     for _ in range(3):
         loss, norm = trainer.train_step()
@@ -228,7 +255,7 @@ def test_mixed_precision_on_cpu(precision):
 
 
 def test_non_finite_loss_skips_the_step(monkeypatch):
-    trainer = make_trainer()
+    trainer = tiny_trainer()
     trainer.train_step()
     before = [p.detach().clone() for p in trainer.model.parameters()]
     real_loss = GaussianDiffusion.loss
@@ -254,13 +281,13 @@ def test_repeated_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_p
 
 
 def test_resume_keeps_the_moments_but_takes_this_runs_optimiser_settings():
-    old = make_trainer("train.warmup_steps=100")
+    old = tiny_trainer("train.warmup_steps=100")
     for _ in range(3):
         old.train_step()
     state = old.state_dict()
     for group in state["optimizer"]["param_groups"]:
         group["fused"] = True  # as saved by a run on a GPU
-    new = make_trainer("train.warmup_steps=100", "train.lr=5e-4", "train.weight_decay=0.01")
+    new = tiny_trainer("train.warmup_steps=100", "train.lr=5e-4", "train.weight_decay=0.01")
     new.load_state_dict(state)
     group = new.opt.param_groups[0]
     assert group["lr"] == pytest.approx(5e-4 * 4 / 100) and group["weight_decay"] == 0.01 and not group["fused"]
@@ -287,7 +314,7 @@ def test_dropout_masks_depend_on_rank_and_step_only(monkeypatch):
     monkeypatch.setattr(torch, "manual_seed", lambda s: seeds.append(s) or real_seed(s))
     # the whole batch whatever the rank, so that only the dropout seed sees the rank
     monkeypatch.setattr(training_step, "step_randomness", lambda *a: real_randomness(*a[:4], 0, 1, *a[6:]))
-    trainer = make_trainer("model.dropout=0.1")
+    trainer = tiny_trainer("model.dropout=0.1")
     seeds.clear()
     for rank, step in ((0, 0), (0, 1), (1, 0), (0, 0)):
         trainer.rank, trainer.step = rank, step
@@ -303,6 +330,27 @@ def test_lr_schedule_and_ema_warmup():
     tc.lr_schedule = "constant"
     assert lr_factor(100, tc) == 1.0
     assert ema_decay(0, 0.9999) == pytest.approx(0.1) and ema_decay(10**7, 0.9999) == 0.9999
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.2])
+def test_each_step_moves_the_ema_by_one_minus_decay_towards_the_new_weights(decay):
+    """After step k (counted from 0) every EMA parameter is d ema_old + (1 - d) weights_new, with the decay warmed
+    up as the README says: d = min(train.ema_decay, (1 + k)/(10 + k)); float64 against the float32 lerp (a few
+    ulps). Steps 0-2 have d = 0.1, 0.18, 0.25 (warm-up) at 0.9, and 0.1, 0.18, 0.2 (the decay) at 0.2."""
+    trainer = tiny_trainer(f"train.ema_decay={decay}")
+    moved = 0.0
+    for k in range(3):
+        d = min(decay, (1 + k) / (10 + k))
+        ema_old = [e.detach().double().clone() for e in trainer.ema.parameters()]
+        assert trainer.step == k
+        trainer.train_step()
+        weights = [w.detach().double() for w in trainer.model.parameters()]
+        for (name, ema), old, w in zip(trainer.ema.named_parameters(), ema_old, weights, strict=True):
+            error = (ema.double() - (d * old + (1 - d) * w)).abs()
+            assert (error <= 4 * 2.0 ** -24 * (old.abs() + w.abs())).all(), (k, name, error.max().item())
+            moved = max(moved, (w - old).abs().max().item())
+    # the weights moved away from the EMA by far more than the tolerance: a wrong d cannot pass
+    assert moved > 1e-4
 
 
 def test_no_option_is_a_torchrun_prefix():
@@ -341,9 +389,20 @@ def test_unknown_checkpoint_file(tmp_path):
 
 
 
-def test_fid_every_logs_fid_to_metrics_file(tmp_path, monkeypatch):
-    import json
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_as_such(tmp_path):
+    """weights_only refuses a pickle that calls os.system before anything runs; the error says that loading it could
+    run code (a damaged file is still called damaged)."""
+    torch.save({"format": "ddpm-checkpoint-v1", "x": RunsCode(tmp_path / "ran")}, str(tmp_path / "evil.pt"))
+    proc = run_script([os.path.join(ROOT, "sample.py"), "--ckpt", str(tmp_path / "evil.pt")], tmp_path)
+    line = assert_one_line_error(proc, "evil.pt", "system", "could run code")
+    assert "damaged" not in line and not (tmp_path / "ran").exists()
+    data = (tmp_path / "evil.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(UserError, match="damaged"):
+        load_checkpoint(str(tmp_path / "cut.pt"))
 
+
+def test_fid_every_logs_fid_to_metrics_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train.main(["--config", CONFIG, "--name", "t", *TINY, "train.max_steps=4", "train.fid_every=2",
                 "train.fid_samples=8", "sample.batch_size=8"], extractor=TinyExtractor())

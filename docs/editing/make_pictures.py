@@ -2,12 +2,13 @@
 
     python docs/editing/make_pictures.py [--ckpt checkpoints/quickstart/last.pt]
 
-Writes docs/editing/*.png (the grids of sample.py, enlarged 4x with nearest neighbour so the 16x16 images can be
-seen) and prints the RMS error of DDIM inversion and reconstruction on 16 training images per number of steps.
+Writes docs/editing/*.png (the grids of sample.py, which show the 16x16 images enlarged 4x with nearest neighbour)
+and prints the RMS error of DDIM inversion and reconstruction on 16 training images per number of steps.
 Inputs are made here: training images of the shapes set, two drawn 'sketches' and a centre mask.
 """
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 
@@ -50,9 +51,8 @@ def centre_mask(path: str, size: int = 16) -> None:
     mask.save(path)
 
 
-def enlarge(src: str, name: str) -> None:
-    im = Image.open(src)
-    im.resize((4 * im.width, 4 * im.height), Image.NEAREST).save(os.path.join(HERE, name))
+def keep(src: str, name: str) -> None:
+    shutil.copyfile(src, os.path.join(HERE, name))
     print(f"docs/editing/{name}")
 
 
@@ -86,7 +86,7 @@ def main():
         for name, argv in run:
             grid = os.path.join(work, f"{name}.png")
             sample.main(["--ckpt", ckpt, *argv, "--out", grid])
-            enlarge(grid, f"{name}.png")
+            keep(grid, f"{name}.png")
         rms_of_inversion(ckpt, train, work, 16)
 
 

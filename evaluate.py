@@ -41,6 +41,7 @@ from ddpm.conditions import prompt_conditions, prompts_tag
 from ddpm.distributed import close_distributed, setup_distributed, wait_for_all
 from ddpm.generation import prepare_model, sampler_record
 from ddpm.images import list_images
+from ddpm.latent import codec_of_checkpoint
 from ddpm.metrics import (
     REF_CACHE,
     append_record,
@@ -116,6 +117,7 @@ def load_for_sampling(args, device):
     ckpt = load_checkpoint(args.ckpt)
     step, text_state = ckpt["step"], ckpt.get("text")
     cfg, model, diffusion = model_from_checkpoint(ckpt, device, overrides=args.overrides + sampler_overrides(args))
+    model.codec = codec_of_checkpoint(ckpt, cfg, device)  # a latent model's samples decoded (ddpm/latent.py)
     del ckpt
     prompts = read_prompts(args, cfg.model, cfg.sample.guidance_scale)
     labels, n, _ = class_labels(args.class_label, cfg.model.num_classes, 50_000 if args.n is None else args.n)

@@ -43,6 +43,7 @@ from ddpm.conditions import prompt_conditions, repeat_to
 from ddpm.distributed import close_distributed, setup_distributed, wait_for_all
 from ddpm.generation import batch_generator, generate, prepare_model, sample_batches
 from ddpm.images import image_format, make_grid, save_grid, to_pil, to_uint8
+from ddpm.latent import codec_of_checkpoint
 from ddpm.png_folders import existing_images, sample_to_folder
 from ddpm.samplers import sampler_timesteps
 from diffusion import GaussianDiffusion
@@ -149,6 +150,7 @@ def load_model(args, device):
     flags = sampler_overrides(args) + ([f"sample.n={args.n}"] if args.n is not None else [])
     cfg, model, diffusion = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema,
                                                   overrides=args.overrides + flags)
+    model.codec = codec_of_checkpoint(ckpt, cfg, device)  # a latent model's samples decoded (ddpm/latent.py)
     return cfg, model, diffusion, ckpt.get("text")
 
 
@@ -284,6 +286,9 @@ def edit(args, world, device):
     interpolation."""
     which = edit_flags.check_flags(args, world)
     cfg, model, diffusion, text_state = load_model(args, device)
+    if model.codec is not None:
+        raise UserError("editing a latent model (latent.autoencoder) is not supported yet: its inputs would have to "
+                        "be encoded; sample it without the editing flags")
     # one condition per prompt or class, cycled over the inputs; None: the unconditional model
     labels = None
     if prompts := read_prompts(args, cfg.model, cfg.sample.guidance_scale):

@@ -28,6 +28,7 @@ from ddpm.conditions import grid_captions
 from ddpm.distributed import close_distributed, setup_distributed, wait_for_all
 from ddpm.generation import generate, sampler_record
 from ddpm.images import make_grid, save_image, to_uint8
+from ddpm.latent import check_checkpoint_space, latent_training_data
 from ddpm.metrics import append_record, fid_of, load_inception
 from ddpm.run_log import RunLog
 from ddpm.training_step import Trainer
@@ -194,18 +195,22 @@ def is_run_name(name: str) -> bool:
     return bool(name) and not set(name) & {"/", "\\", "\0"} and name.strip(".") != ""
 
 
-def load_data(cfg, rank, world):
-    """The data set; rank 0 downloads or decodes and caches it first, alone, then the others read it."""
+def load_data(cfg, rank, world, device, ckpt=None, path=None):
+    """(cfg, the data set); rank 0 downloads or decodes and caches it first, alone, then the others read it. A latent
+    config's data set is the latents of the images (ddpm/latent.py), and its cfg is resolved against the autoencoder."""
+    check_checkpoint_space(ckpt, cfg, path)
     if rank != 0:
         wait_for_all(world)
     dataset = build_dataset(cfg.data, captions=cfg.model.text_encoder is not None)
+    if cfg.latent.autoencoder is not None:
+        cfg, dataset = latent_training_data(cfg, dataset, device, ckpt)
     if rank == 0:
         wait_for_all(world)
     if dataset.captions is not None:
         summary = caption_summary(dataset)  # on every rank: a set without captions stops them all
         if rank == 0:
             print(summary)
-    return dataset
+    return cfg, dataset
 
 
 @cli
@@ -243,7 +248,7 @@ def run(args, rank, world, device, extractor=None):
 def start_trainer(cfg, name, rank, world, device, ckpt, path):
     """(config with its run-time values resolved, Trainer at the checkpoint's state, the checkpoint's log)."""
     enable_tf32(device)
-    dataset = load_data(cfg, rank, world)
+    cfg, dataset = load_data(cfg, rank, world, device, ckpt, path)
     auto = cfg.model.num_classes == "auto"
     cfg = resolved(cfg, name=name, num_classes=num_classes(dataset) if auto else cfg.model.num_classes)
     if ckpt is not None:

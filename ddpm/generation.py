@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ddpm.conditions import repeat_to
+from ddpm.latent import to_images, trajectory_images
 from ddpm.samplers import sample_loop
 from utils import autocast_dtype, enable_tf32, first_call_or_fallback
 
@@ -25,7 +26,8 @@ def generate(model, diffusion, n, s, generator, device, cond=None, record=()):
 
     cond: (n,) labels for a class-conditional model, (n, ...) encoded captions for a text model (text_encoders.py);
     None: the null condition. s.guidance_scale w != 1 turns on classifier-free guidance. x_T is the first draw from
-    `generator`. `record`: timestep indices to keep; then returns (x, trajectory) as samplers.sample_loop does. The
+    `generator`. `record`: timestep indices to keep; then returns (x, trajectory) as samplers.sample_loop does. A
+    latent model (model.codec) samples latents and returns them decoded, its trajectory's x_t and x_0 too. The
     samplers run under `autocast` (here and in the edits of ddpm/edit_runs.py): bf16 on GPUs that support it with
     precision 'auto', fp32 on the CPU."""
     device = torch.device(device)
@@ -34,8 +36,9 @@ def generate(model, diffusion, n, s, generator, device, cond=None, record=()):
     denoise = diffusion.denoiser(model, cond, s.guidance_scale, s.dynamic_threshold)
     with autocast(s, device):
         out = sample_loop(diffusion, denoise, x_T, s, generator, record=record)
-    # the samplers clip x_0 when diffusion.clip_denoised; without it the last step may overshoot a little
-    return (out[0].clamp(-1, 1), out[1]) if record else out.clamp(-1, 1)
+    if record:  # a latent model's shown steps are decoded too (ddpm/latent.py)
+        return to_images(model, out[0]), trajectory_images(model, out[1])
+    return to_images(model, out)
 
 
 def autocast(s, device: torch.device):

@@ -6,11 +6,10 @@ import sys
 
 import pytest
 import torch
-from helpers import tiny_checkpoint
+from helpers import tiny_autoencoder_checkpoint, tiny_checkpoint
 
-from config import AutoencoderConfig, load_config, to_dict
+from config import AutoencoderConfig
 from ddpm.autoencoder import Autoencoder
-from ddpm.checkpoint import save_checkpoint
 from ddpm.codecs import Codec, autoencoder_of_checkpoint, check_same, folder_hash, load_autoencoder
 from utils import UserError
 
@@ -25,17 +24,6 @@ def tiny_vae_folder(folder, seed=0) -> str:
                                   layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16)
     vae.save_pretrained(str(folder))
     return str(folder)
-
-
-def own_autoencoder_checkpoint(path, seed=0, **fields) -> str:
-    """A train_autoencoder.py checkpoint of a random tiny autoencoder."""
-    cfg = load_config(None, ["data.dataset=shapes", "data.image_size=16", "autoencoder.ch=8",
-                             "autoencoder.latent_channels=3", *[f"autoencoder.{k}={v}" for k, v in fields.items()]])
-    torch.manual_seed(seed)
-    ae = Autoencoder(cfg.autoencoder, cfg.data.channels)
-    save_checkpoint({"kind": "autoencoder", "step": 0, "config": to_dict(cfg), "autoencoder": ae.state_dict()},
-                    str(path))
-    return str(path)
 
 
 def test_diffusers_autoencoder_encodes_and_decodes_as_diffusers(tmp_path):
@@ -74,7 +62,7 @@ def test_content_hash_of_a_folder_changes_with_any_file(tmp_path):
 
 
 def test_own_autoencoder_from_its_checkpoint_and_from_a_record(tmp_path):
-    path = own_autoencoder_checkpoint(tmp_path / "ae.pt")
+    path = tiny_autoencoder_checkpoint(tmp_path / "ae.pt")
     ae = load_autoencoder(path, torch.device("cpu"))
     assert (ae.channels, ae.latent_channels, ae.factor) == (3, 3, 4)
     torch.manual_seed(0)
@@ -88,7 +76,7 @@ def test_own_autoencoder_from_its_checkpoint_and_from_a_record(tmp_path):
     again = autoencoder_of_checkpoint(ae.record(), None, torch.device("cpu"))
     assert again.hash == ae.hash
     torch.testing.assert_close(again.decode(mean), reference.decode(mean))
-    assert load_autoencoder(own_autoencoder_checkpoint(tmp_path / "b.pt", seed=1), "cpu").hash != ae.hash
+    assert load_autoencoder(tiny_autoencoder_checkpoint(tmp_path / "b.pt", seed=1), "cpu").hash != ae.hash
 
 
 def test_bad_autoencoders_are_one_line(tmp_path, monkeypatch):

@@ -4,9 +4,15 @@ import os
 
 import pytest
 import torch
-from helpers import TinyExtractor, fails_in_process, files_in
+from helpers import (
+    TINY_MODEL,
+    TinyExtractor,
+    as_overrides,
+    fails_in_process,
+    files_in,
+    tiny_autoencoder_checkpoint,
+)
 from PIL import Image
-from test_codecs import own_autoencoder_checkpoint
 
 import evaluate
 import sample
@@ -14,20 +20,20 @@ import train
 from config import load_config
 from ddpm.checkpoint import load_checkpoint
 from ddpm.codecs import Codec, load_autoencoder
-from ddpm.latent import check_checkpoint_space, resolved_latent, to_images
+from ddpm.latent import check_checkpoint_space, resolved_latent, to_images, trajectory_images
 from model import UNet
 from utils import UserError
 
 CPU = torch.device("cpu")
-# the tiny U-Net on the 4 x 4 latents (3 channels) of 16x16 shapes through own_autoencoder_checkpoint's factor 4
-TINY_LATENT = ["data.dataset=shapes", "data.image_size=16", "data.num_images=16", "model.base_channels=16",
-               "model.channel_mults=[1,2]", "model.num_res_blocks=1", "model.attention_resolutions=[2]",
-               "model.dropout=0.0", "diffusion.timesteps=20", "sample.steps=3", "sample.n=4", "sample.batch_size=4"]
+# the tiny U-Net on the 4 x 4 latents (3 channels) of 16x16 shapes through tiny_autoencoder_checkpoint's factor 4
+TINY_LATENT = ["data.dataset=shapes", "data.image_size=16", "data.num_images=16",
+               *as_overrides("model", {**TINY_MODEL, "attention_resolutions": (2,)}), "diffusion.timesteps=20",
+               "sample.steps=3", "sample.n=4", "sample.batch_size=4"]
 
 
 @pytest.fixture
 def autoencoder_path(tmp_path):
-    return own_autoencoder_checkpoint(tmp_path / "ae.pt")
+    return tiny_autoencoder_checkpoint(tmp_path / "ae.pt")
 
 
 def test_resolved_config_and_the_unet_at_the_latents_shape(autoencoder_path):
@@ -69,9 +75,18 @@ def test_samples_become_images_through_the_codec(autoencoder_path):
     model = UNet.from_config(load_config(None, TINY_LATENT))
     x = torch.randn(2, 3, 16, 16) * 2
     assert torch.equal(to_images(model, x), x.clamp(-1, 1))  # pixel space: clamped
+    trajectory = {"t": [9, 4], "x_t": [x, -x], "x0": [x, x / 2]}
+    assert trajectory_images(model, trajectory) is trajectory
     model.codec = Codec(ae, 0.5)
     z = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(to_images(model, z), ae.net.decode(z / 0.5).clamp(-1, 1))
+    # a trajectory's steps decoded (not clamped: x_t is noisy), its timesteps kept
+    latents = {"t": [9, 4], "x_t": [z, -z], "x0": [z / 2, z]}
+    decoded = trajectory_images(model, latents)
+    assert decoded["t"] == [9, 4]
+    for k in ("x_t", "x0"):
+        for got, latent in zip(decoded[k], latents[k]):
+            torch.testing.assert_close(got, ae.net.decode(latent / 0.5))
 
 
 # train.py on the latents: batches of 8, 2 steps between checkpoints, a grid of 4 decoded images at the end
@@ -102,17 +117,15 @@ def test_train_resume_exactly_and_sample_a_latent_model(tmp_path, monkeypatch, c
     latent = whole["config"]["latent"]
     assert (latent["channels"], latent["factor"]) == (3, 4) and latent["scale_factor"] > 0
     assert whole["model"]["conv_in.weight"].shape[1] == 3  # the U-Net takes the latents' channels
-    # the training grid is of decoded 16x16 images: 2 x 2 of them with 2 pixels of padding
-    assert image_size_of("results/whole/samples/step_0000004.png") == (38, 38)
+    with Image.open("results/whole/samples/step_0000004.png") as grid:  # decoded: RGB (the latents are 3 x 4 x 4)
+        assert grid.mode == "RGB"
 
     os.remove(autoencoder_path)  # our autoencoder's weights are in the checkpoint
     sample.main(["--ckpt", "checkpoints/whole/last.pt", "--out", "grid.png", "--process", "process.png",
-                 "--gif", "denoise.gif", "--n", "4"])
-    assert image_size_of("grid.png") == (38, 38)
-    with Image.open("process.png") as img:  # a row per shown step of 16x16 images: decoded
-        assert (img.size[1] - 2) % 18 == 0 and (img.size[0] - 2) % 18 == 0
+                 "--gif", "denoise.gif", "--save-dir", "pngs", "--n", "4"])
+    assert [image_size_of(os.path.join("pngs", f)) for f in files_in("pngs")] == [(16, 16)] * 4  # decoded
     with Image.open("denoise.gif") as gif:
-        assert gif.n_frames > 2 and gif.size == (38, 38)
+        assert gif.n_frames > 2 and gif.size == image_size_of("grid.png")
 
 
 def test_bad_latent_input_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys, autoencoder_path):
@@ -120,7 +133,7 @@ def test_bad_latent_input_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeyp
     run = [*TRAIN, f"latent.autoencoder={autoencoder_path}"]
     train.main(["--name", "r", *run, "train.max_steps=2"])
     before = open("checkpoints/r/last.pt", "rb").read()
-    other = own_autoencoder_checkpoint(tmp_path / "other.pt", seed=1)
+    other = tiny_autoencoder_checkpoint(tmp_path / "other.pt", seed=1)
     err = fails_in_process(capsys, train.main, "--name", "r", *TRAIN, f"latent.autoencoder={other}",
                            "train.max_steps=4")
     assert "is not the autoencoder this checkpoint was trained with" in err

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_autoencoder_checkpoint
 from PIL import Image
-from test_codecs import own_autoencoder_checkpoint
 
 from config import load_config
 from dataset import build_dataset
@@ -35,14 +35,14 @@ def shapes_config(root, *overrides):
 
 
 def test_written_once_reused_and_rebuilt_for_another_autoencoder_or_other_data(tmp_path, capsys):
-    ae = Counting(load_autoencoder(own_autoencoder_checkpoint(tmp_path / "a.pt"), CPU))
+    ae = Counting(load_autoencoder(tiny_autoencoder_checkpoint(tmp_path / "a.pt"), CPU))
     cfg = shapes_config(tmp_path / "data")
     first = latent_dataset(build_dataset(cfg.data), cfg, ae, CPU)
     assert ae.encoded == 12 and len(os.listdir(tmp_path / "data")) == 1
     again = latent_dataset(build_dataset(cfg.data), cfg, ae, CPU)
     assert ae.encoded == 12 and "reusing the latents" in capsys.readouterr().out
     assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
-    other = Counting(load_autoencoder(own_autoencoder_checkpoint(tmp_path / "b.pt", seed=1), CPU))
+    other = Counting(load_autoencoder(tiny_autoencoder_checkpoint(tmp_path / "b.pt", seed=1), CPU))
     latent_dataset(build_dataset(cfg.data), cfg, other, CPU)
     assert other.encoded == 12 and len(os.listdir(tmp_path / "data")) == 2  # both kept
     changed = shapes_config(tmp_path / "data", "data.seed=1")  # other images
@@ -57,7 +57,7 @@ def test_a_changed_folder_is_encoded_again(tmp_path):
     for i in range(3):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     cfg = load_config(None, ["data.dataset=folder", f"data.root={folder}", "data.image_size=16", "data.hflip=false"])
-    ae = Counting(load_autoencoder(own_autoencoder_checkpoint(tmp_path / "a.pt"), CPU))
+    ae = Counting(load_autoencoder(tiny_autoencoder_checkpoint(tmp_path / "a.pt"), CPU))
     latent_dataset(build_dataset(cfg.data), cfg, ae, CPU)
     latent_dataset(build_dataset(cfg.data), cfg, ae, CPU)
     assert ae.encoded == 3
@@ -67,7 +67,7 @@ def test_a_changed_folder_is_encoded_again(tmp_path):
 
 
 def test_scale_factor_is_one_over_the_std_of_the_data_latents_and_mirrors_are_encoded(tmp_path):
-    ae = load_autoencoder(own_autoencoder_checkpoint(tmp_path / "a.pt"), CPU)
+    ae = load_autoencoder(tiny_autoencoder_checkpoint(tmp_path / "a.pt"), CPU)
     cfg = shapes_config(tmp_path / "data", "data.hflip=true")
     ds = build_dataset(cfg.data)
     latents = latent_dataset(ds, cfg, ae, CPU)
@@ -86,7 +86,7 @@ def test_scale_factor_is_one_over_the_std_of_the_data_latents_and_mirrors_are_en
 
 @pytest.mark.parametrize("preload", [True, False])
 def test_batches_of_latents(tmp_path, preload):
-    ae = load_autoencoder(own_autoencoder_checkpoint(tmp_path / "a.pt"), CPU)
+    ae = load_autoencoder(tiny_autoencoder_checkpoint(tmp_path / "a.pt"), CPU)
     cfg = shapes_config(tmp_path / "data")
     latents = latent_dataset(build_dataset(cfg.data), cfg, ae, CPU)
     batches = Batches(latents, 4, seed=0, device=CPU, hflip=False, preload=preload)

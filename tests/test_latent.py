@@ -1,10 +1,12 @@
 """Latent diffusion (ddpm/latent.py): a config made latent by latent.autoencoder, the U-Net at the latents' shape,
 samples decoded to images; end to end on the CPU: train a few steps, resume exactly, sample; bad input."""
 import os
+import types
 
 import pytest
 import torch
 from helpers import (
+    ROOT,
     TINY_MODEL,
     TinyExtractor,
     as_overrides,
@@ -158,3 +160,13 @@ def test_evaluate_scores_the_decoded_samples_of_a_latent_model(tmp_path, monkeyp
                            extractor=extractor)
     assert record["n"] == 8 and record["image_size"] == 16 and extractor.seen >= 8
     assert all(image_size_of(os.path.join("samples", f)) == (16, 16) for f in files_in("samples"))
+
+
+@pytest.mark.parametrize("name, factor", [("latent-quickstart", 4), ("latent-folder", 8)])
+def test_shipped_latent_configs_resolve_against_their_autoencoders_shape(name, factor):
+    """The U-Net of each shipped latent config is valid at its latents' size (attention sizes, heads, levels)."""
+    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+    autoencoder = types.SimpleNamespace(latent_channels=4, factor=factor, channels=3, path=cfg.latent.autoencoder)
+    resolved = resolved_latent(cfg, autoencoder, 1.0)
+    assert UNet.from_config(resolved).image_size == cfg.data.image_size // factor
+    assert not resolved.diffusion.clip_denoised

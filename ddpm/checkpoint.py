@@ -106,7 +106,10 @@ def code_it_would_run(e: Exception) -> str | None:
     if not isinstance(e, pickle.UnpicklingError) or "weights only" not in text.lower().replace("_", " "):
         return None
     found = re.search(r"GLOBAL ([\w.]+)", text)
-    return found.group(1) if found else "a function that is not a tensor's"
+    if found:
+        return found.group(1)
+    # other refusals ('Unsupported operand', a bad opcode) are files that are not pickles of ours at all
+    return "a function that is not a tensor's" if "unrecognized function" in text else None
 
 
 def load_weights(module: torch.nn.Module, state_dict: dict, what: str) -> None:

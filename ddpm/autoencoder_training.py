@@ -7,6 +7,8 @@ backward, the clipped Adam step; after disc_start steps, one step of the discrim
 The checkpoint holds the weights, both optimisers, the step, the RNG state and the data position, so a resumed
 run sees exactly the numbers of an uninterrupted one.
 """
+import os
+
 import torch
 
 from config import to_dict
@@ -50,6 +52,7 @@ class AutoencoderTrainer:
     def __init__(self, cfg, device, dataset):
         self.cfg, self.device, ac, tc = cfg, device, cfg.autoencoder, cfg.train
         if tc.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with it
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(tc.seed)
         self.model = Autoencoder(ac, cfg.data.channels).to(device)

@@ -83,16 +83,14 @@ def latent_dataset(ds, cfg, autoencoder, device) -> LatentDataset:
 def encode_all(ds, autoencoder, hflip: bool, batch_size: int, device) -> dict:
     """{"latents": the mean of q(z | x) of every image (then of every mirrored one with hflip), float32 on the CPU;
     "sources": the image each came from; "std": the standard deviation of all their elements, in float64}."""
-    latents, sources = [], []
-    for uint8, source in _image_batches(ds, batch_size):
+    latents, mirrored, sources = [], [], []
+    for uint8, source in _image_batches(ds, batch_size):  # each image decoded once
         x = to_float(uint8.to(device))  # (B, C, H, W)
         latents.append(autoencoder.moments(x)[0].float().cpu())
+        if hflip:
+            mirrored.append(autoencoder.moments(x.flip(3))[0].float().cpu())
         sources.append(source)
-    if hflip:
-        for uint8, source in _image_batches(ds, batch_size):
-            latents.append(autoencoder.moments(to_float(uint8.to(device)).flip(3))[0].float().cpu())
-            sources.append(source)
-    latents, sources = torch.cat(latents), torch.cat(sources)
+    latents, sources = torch.cat(latents + mirrored), torch.cat(sources * (2 if hflip else 1))
     return {"latents": latents, "sources": sources, "std": latent_std(latents)}
 
 

@@ -103,7 +103,7 @@ def test_perceptual_loss_without_lpips_is_one_line(monkeypatch):
 
 
 def test_tiny_autoencoder_learns_the_shapes():
-    """120 steps of batches of 16 (about 5 s of one idle core): the reconstructions of its 64 training images reach
+    """120 steps of batches of 16 (9 s on one core here): the reconstructions of its 64 training images reach
     a PSNR of 14 dB (14.65 seen), where the untrained one is below 10 dB and each image's mean colour gives 12.4 dB.
     Longer training goes much further (the README's latent quickstart figures)."""
     cfg = load_config(None, TINY_AE_RUN)

@@ -291,31 +291,32 @@ def validate(cfg: Config) -> Config:
     names the key and what it must be."""
     _check_ranges(cfg)
     _validate_latent(cfg)
-    d, m, df, t = cfg.data, cfg.model, cfg.diffusion, cfg.train
+    data, model, diffusion, train = cfg.data, cfg.model, cfg.diffusion, cfg.train
     size = network_shape(cfg)[1]  # the U-Net's input size: the image's, or the latent's
-    _check(len(m.channel_mults) >= 1 and min(m.channel_mults) >= 1,
-           f"model.channel_mults must be a non-empty list of positive integers, got {list(m.channel_mults)}")
-    _check(all(r >= 1 for r in m.attention_resolutions),
-           f"model.attention_resolutions must be feature-map sizes in pixels, got {list(m.attention_resolutions)}")
-    latent = f" / latent.factor={cfg.latent.factor}" if size != d.image_size else ""
-    _check(size % 2 ** (len(m.channel_mults) - 1) == 0,
-           f"data.image_size={d.image_size}{latent} must be divisible by 2^(len(model.channel_mults)-1)="
-           f"{2 ** (len(m.channel_mults) - 1)}; change one of them")
-    widths = [m.base_channels * m.channel_mults[-1]] + [  # the middle block, and each level with attention
-        m.base_channels * mult for i, mult in enumerate(m.channel_mults)
-        if size // 2 ** i in m.attention_resolutions]
-    _check(all(w % m.num_heads == 0 for w in widths),
-           f"model.num_heads={m.num_heads} must divide the channels at every attention layer ({sorted(set(widths))})")
-    _check(m.base_channels % 2 == 0 and (m.base_channels >= 4 or m.time_embedding != "ddpm"),
-           f"model.base_channels={m.base_channels} is the size of the sin/cos timestep embedding: it must be even "
+    _check(len(model.channel_mults) >= 1 and min(model.channel_mults) >= 1,
+           f"model.channel_mults must be a non-empty list of positive integers, got {list(model.channel_mults)}")
+    _check(all(r >= 1 for r in model.attention_resolutions),
+           f"model.attention_resolutions must be feature-map sizes in pixels, got {list(model.attention_resolutions)}")
+    latent = f" / latent.factor={cfg.latent.factor}" if size != data.image_size else ""
+    _check(size % 2 ** (len(model.channel_mults) - 1) == 0,
+           f"data.image_size={data.image_size}{latent} must be divisible by 2^(len(model.channel_mults)-1)="
+           f"{2 ** (len(model.channel_mults) - 1)}; change one of them")
+    widths = [model.base_channels * model.channel_mults[-1]] + [  # the middle block, and each level with attention
+        model.base_channels * mult for i, mult in enumerate(model.channel_mults)
+        if size // 2 ** i in model.attention_resolutions]
+    _check(all(w % model.num_heads == 0 for w in widths),
+           f"model.num_heads={model.num_heads} must divide the channels at every attention layer "
+           f"({sorted(set(widths))})")
+    _check(model.base_channels % 2 == 0 and (model.base_channels >= 4 or model.time_embedding != "ddpm"),
+           f"model.base_channels={model.base_channels} is the size of the sin/cos timestep embedding: it must be even "
            "(and at least 4 with model.time_embedding 'ddpm')")
-    _check(m.num_classes is None or m.num_classes == "auto" or m.num_classes >= 1,
-           f"model.num_classes must be null, 'auto' or at least 1, got {m.num_classes}")
-    _check(df.beta_start <= df.beta_end,
-           f"need diffusion.beta_start <= diffusion.beta_end, got {df.beta_start}, {df.beta_end}")
-    check_batch_split(t)
-    _validate_text(m)
-    _validate_sample(cfg.sample, df.timesteps, m.num_classes is not None or m.text_encoder is not None)
+    _check(model.num_classes is None or model.num_classes == "auto" or model.num_classes >= 1,
+           f"model.num_classes must be null, 'auto' or at least 1, got {model.num_classes}")
+    _check(diffusion.beta_start <= diffusion.beta_end,
+           f"need diffusion.beta_start <= diffusion.beta_end, got {diffusion.beta_start}, {diffusion.beta_end}")
+    check_batch_split(train)
+    _validate_text(model)
+    _validate_sample(cfg.sample, diffusion.timesteps, model.num_classes is not None or model.text_encoder is not None)
     return cfg
 
 
@@ -342,13 +343,15 @@ def _validate_text(m: ModelConfig) -> None:
            f"model.text_width must be below 64 or a multiple of 64 (attention heads of 64), got {m.text_width}")
 
 
-def _validate_sample(s: SampleConfig, timesteps: int, conditional: bool) -> None:
-    _check(s.steps <= timesteps, f"sample.steps must be between 1 and diffusion.timesteps={timesteps}, got {s.steps}")
-    _check(s.sampler != "dpmpp" or s.eta == 0,
-           f"sample.eta={s.eta} (--eta) is for DDIM; DPM-Solver++ (sample.sampler=dpmpp) is deterministic, "
+def _validate_sample(sample_cfg: SampleConfig, timesteps: int, conditional: bool) -> None:
+    _check(sample_cfg.steps <= timesteps,
+           f"sample.steps must be between 1 and diffusion.timesteps={timesteps}, got {sample_cfg.steps}")
+    _check(sample_cfg.sampler != "dpmpp" or sample_cfg.eta == 0,
+           f"sample.eta={sample_cfg.eta} (--eta) is for DDIM; DPM-Solver++ (sample.sampler=dpmpp) is deterministic, "
            "so leave eta at 0")
-    _check(conditional or s.guidance_scale == 1.0,
-           f"sample.guidance_scale={s.guidance_scale} (--guidance-scale) needs a class-conditional or text-conditional "
+    _check(conditional or sample_cfg.guidance_scale == 1.0,
+           f"sample.guidance_scale={sample_cfg.guidance_scale} (--guidance-scale) needs a class-conditional or "
+           "text-conditional "
            "model; this one has model.num_classes and model.text_encoder null (trained without labels or captions)")
 
 

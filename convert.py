@@ -24,7 +24,7 @@ from ddpm import weight_formats
 from ddpm.checkpoint import code_it_would_run, load_checkpoint, load_weights, save_checkpoint
 from ddpm.cli import ArgumentParser, cli
 from model import UNet
-from utils import UserError, read_json
+from utils import UserError, first_line, read_json
 
 INSTALL = "pip install -r requirements-convert.txt"
 # the fields that the converted weights fix; the others can be set on the command line
@@ -36,16 +36,18 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     for name, src in (("from-diffusers", "a diffusers UNet2DModel or DDPMPipeline folder"),
                       ("from-pytorch-diffusion", "a pesser/pytorch_diffusion .ckpt file")):
-        s = sub.add_parser(name, help=f"{src} -> our checkpoint", allow_abbrev=False)
-        s.add_argument("src", help=src)
-        s.add_argument("--out", required=True, help="the checkpoint to write, e.g. checkpoints/ddpm-cifar10/paper.pt")
-        s.add_argument("--force", action="store_true", help="replace --out if it exists")
-        s.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.dataset=folder")
-    s = sub.add_parser("to-diffusers", help="our checkpoint -> a diffusers DDPMPipeline folder", allow_abbrev=False)
-    s.add_argument("ckpt", help="our checkpoint")
-    s.add_argument("--out", required=True, help="the folder to write")
-    s.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA ones")
-    s.add_argument("--force", action="store_true", help="replace --out if it exists")
+        command = sub.add_parser(name, help=f"{src} -> our checkpoint", allow_abbrev=False)
+        command.add_argument("src", help=src)
+        command.add_argument("--out", required=True,
+                             help="the checkpoint to write, e.g. checkpoints/ddpm-cifar10/paper.pt")
+        command.add_argument("--force", action="store_true", help="replace --out if it exists")
+        command.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.dataset=folder")
+    command = sub.add_parser("to-diffusers", help="our checkpoint -> a diffusers DDPMPipeline folder",
+                             allow_abbrev=False)
+    command.add_argument("ckpt", help="our checkpoint")
+    command.add_argument("--out", required=True, help="the folder to write")
+    command.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA ones")
+    command.add_argument("--force", action="store_true", help="replace --out if it exists")
     args, extra = p.parse_known_args(argv)  # overrides may come after --out too
     if extra and (args.command == "to-diffusers" or any(a.startswith("-") or "=" not in a for a in extra)):
         p.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -79,8 +81,7 @@ def read_weights(path: str) -> dict:
         if code := code_it_would_run(e):
             raise UserError(f"refused to read the weights file '{path}': its pickle would call {code}, so loading "
                             "it could run code; use the model's .safetensors file") from None
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot read the weights file '{path}' ({first[:200]}); it is damaged or truncated: "
+        raise UserError(f"cannot read the weights file '{path}' ({first_line(e)}); it is damaged or truncated: "
                         "download it again") from None
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
         raise UserError(f"'{path}' holds no state dict of tensors")

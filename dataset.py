@@ -1,9 +1,8 @@
-"""Training images: the data sets as uint8 arrays, and an endless, exactly resumable stream of batches.
+"""Training images: the data sets as uint8 arrays (the stream of batches over them: ddpm/batches.py).
 
     ds = build_dataset(cfg.data)              # ds[i] -> (x float32 C x H x W in [-1, 1], label or -1)
     ds = build_dataset(cfg.data, captions=True)   # ... label = caption id: ds.captions[label] (ddpm/captions.py)
     batches = Batches(ds, 128, seed=0, device=device, hflip=True, preload=preload_wanted(cfg.data, ds))
-    x, y = next(batches)                      # on `device`; state_dict() / load_state_dict() resume exactly
 
 Sets: cifar10, mnist, fashion_mnist (torchvision, downloaded to data.root), folder (images under
 data.root, one sub-folder per class if labelled) and shapes (synthetic, generated from data.seed).

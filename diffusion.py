@@ -40,13 +40,24 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tens
     pos = percentile * (flat.shape[1] - 1)
     lo, frac = int(pos), pos - int(pos)
     q = flat[:, lo] if frac == 0 else torch.lerp(flat[:, lo], flat[:, lo + 1], frac)
-    s = q.clamp(min=1).reshape(-1, *([1] * (x0.ndim - 1)))
+    s = per_image(q.clamp(min=1), x0.ndim)  # (B, 1, 1, 1)
     return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+def per_image(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """One value per image, v (B,), reshaped to (B, 1, 1, ...) of `ndim` dimensions so that it broadcasts against
+    a batch of images (B, C, H, W)."""
+    return v.reshape(-1, *([1] * (ndim - 1)))
 
 
 def extract(a: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     """a[t] reshaped to (B, 1, 1, ...) so it broadcasts against a batch of images."""
-    return a.gather(0, t).reshape(-1, *([1] * (ndim - 1)))
+    return per_image(a.gather(0, t), ndim)
+
+
+def timestep_batch(x: torch.Tensor, t: int) -> torch.Tensor:
+    """Timestep index t for every image of the batch x: (B,) long, on x's device."""
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
 
 class GaussianDiffusion(nn.Module):
@@ -176,7 +187,7 @@ class GaussianDiffusion(nn.Module):
         mean, _, log_var = self.q_posterior(x0, x_t, t)
         if self.variance == "fixed_large":
             log_var = extract(self.fixed_large_log_variance, t, x_t.ndim)
-        nonzero = (t > 0).float().reshape(-1, *([1] * (x_t.ndim - 1)))
+        nonzero = per_image((t > 0).float(), x_t.ndim)
         return mean + nonzero * (0.5 * log_var).exp() * z, x0
 
     def ddim_step(self, denoise, x_t, t, t_prev, z, eta):

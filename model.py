@@ -116,16 +116,23 @@ class CrossAttention(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
+def embedding_width(cfg) -> int:
+    """The width of the timestep (and label) embedding of a ModelConfig: 4 x base_channels, as in the paper's code."""
+    return 4 * cfg.base_channels
+
+
 class Block(nn.Module):
     """A residual block, followed by attention at the resolutions that have it (and there, in a text model,
     cross-attention to the caption)."""
 
-    def __init__(self, in_ch, out_ch, emb_dim, dropout, attention: bool, num_heads: int, eps: float,
-                 context_dim: int | None = None):
+    def __init__(self, in_ch: int, out_ch: int, cfg, attention: bool, context_dim: int | None = None):
+        """cfg: the ModelConfig (dropout, heads, norm epsilon); context_dim: the caption's token width (None: no
+        text)."""
         super().__init__()
-        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout, eps)
-        self.attn = Attention(out_ch, num_heads, eps) if attention else None
-        self.cross = CrossAttention(out_ch, context_dim, num_heads, eps) if attention and context_dim else None
+        self.res = ResBlock(in_ch, out_ch, embedding_width(cfg), cfg.dropout, cfg.norm_eps)
+        self.attn = Attention(out_ch, cfg.num_heads, cfg.norm_eps) if attention else None
+        self.cross = (CrossAttention(out_ch, context_dim, cfg.num_heads, cfg.norm_eps) if attention and context_dim
+                      else None)
 
     def forward(self, x, emb, context=None):
         x = self.res(x, emb)
@@ -161,15 +168,15 @@ class UNet(nn.Module):
 
     def __init__(self, cfg, image_channels: int, image_size: int, vocab_size: int | None = None,
                  text_width: int | None = None):
-        """vocab_size: the learned text encoder's (text.text_dims); text_width: that of CLIP's embeddings."""
+        """vocab_size: the learned text encoder's (ddpm/text_encoders.text_dims); text_width: that of CLIP's
+        embeddings."""
         super().__init__()
         if cfg.num_classes == "auto":
             raise ValueError("resolve model.num_classes='auto' from the data set before building the model")
         self.image_channels, self.image_size, self.num_classes = image_channels, image_size, cfg.num_classes
         self.codec = None  # a latent model's ddpm/codecs.Codec (ddpm/latent.py), which makes its samples images
         self.time_embedding = cfg.time_embedding
-        base, mults, attn_res = cfg.base_channels, cfg.channel_mults, cfg.attention_resolutions
-        ch, emb_dim = base, 4 * base
+        ch, emb_dim = cfg.base_channels, embedding_width(cfg)
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # labels 0..num_classes-1 and one extra 'null' label (index num_classes) for classifier-free guidance
         self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
@@ -177,32 +184,44 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(image_channels, ch, 3, padding=1)
 
         def block(in_ch, out_ch, attention):
-            return Block(in_ch, out_ch, emb_dim, cfg.dropout, attention, cfg.num_heads, cfg.norm_eps, context_dim)
+            return Block(in_ch, out_ch, cfg, attention, context_dim)
+        # built in this order, the order in which the parameters draw their initial values
+        skip_channels = self._down_path(cfg, block, image_size)
+        ch = skip_channels[-1]
+        self.mid = nn.ModuleList([block(ch, ch, True), block(ch, ch, False)])
+        ch = self._up_path(cfg, block, skip_channels, image_size // 2 ** (len(cfg.channel_mults) - 1))
+        self.norm_out = group_norm(ch, cfg.norm_eps)
+        self.conv_out = zero_init(nn.Conv2d(ch, image_channels, 3, padding=1))
 
-        self.down, skip_channels, res = nn.ModuleList(), [ch], image_size
-        for level, mult in enumerate(mults):
+    def _down_path(self, cfg, block, res: int) -> list[int]:
+        """self.down: num_res_blocks blocks per level, then a Downsample (but after the last level); returns the
+        channels of every skip connection, conv_in's first."""
+        self.down, ch = nn.ModuleList(), cfg.base_channels
+        skip_channels = [ch]
+        for level, mult in enumerate(cfg.channel_mults):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(block(ch, base * mult, res in attn_res))
-                ch = base * mult
+                self.down.append(block(ch, cfg.base_channels * mult, res in cfg.attention_resolutions))
+                ch = cfg.base_channels * mult
                 skip_channels.append(ch)
-            if level != len(mults) - 1:
+            if level != len(cfg.channel_mults) - 1:
                 self.down.append(Downsample(ch, cfg.downsample_padding))
                 skip_channels.append(ch)
                 res //= 2
+        return skip_channels
 
-        self.mid = nn.ModuleList([block(ch, ch, True), block(ch, ch, False)])
-
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(mults))):
+    def _up_path(self, cfg, block, skip_channels: list[int], res: int) -> int:
+        """self.up: num_res_blocks + 1 blocks per level, each taking a skip connection (popped from
+        skip_channels), then an Upsample (but after the first level); returns the channels it ends with."""
+        self.up, ch = nn.ModuleList(), skip_channels[-1]
+        for level, mult in reversed(list(enumerate(cfg.channel_mults))):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(block(ch + skip_channels.pop(), base * mult, res in attn_res))
-                ch = base * mult
+                self.up.append(block(ch + skip_channels.pop(), cfg.base_channels * mult,
+                                     res in cfg.attention_resolutions))
+                ch = cfg.base_channels * mult
             if level != 0:
                 self.up.append(Upsample(ch))
                 res *= 2
-
-        self.norm_out = group_norm(ch, cfg.norm_eps)
-        self.conv_out = zero_init(nn.Conv2d(ch, image_channels, 3, padding=1))
+        return ch
 
     def _text_layers(self, cfg, emb_dim, vocab_size, text_width) -> int | None:
         """The learned text encoder and the projection of the pooled caption embedding of a text model; returns
@@ -213,11 +232,11 @@ class UNet(nn.Module):
             return None
         if cfg.text_encoder == "learned":
             if vocab_size is None:
-                raise ValueError("a learned text encoder needs its vocabulary size (text.text_dims)")
+                raise ValueError("a learned text encoder needs its vocabulary size (ddpm/text_encoders.text_dims)")
             self.text_encoder = LearnedTextEncoder(vocab_size, cfg.text_width, cfg.text_layers, cfg.text_max_tokens)
             text_width, self.text_shape = cfg.text_width, (cfg.text_max_tokens,)
         elif text_width is None:
-            raise ValueError("a CLIP-conditioned model needs CLIP's width (text.text_dims)")
+            raise ValueError("a CLIP-conditioned model needs CLIP's width (ddpm/text_encoders.text_dims)")
         else:
             self.text_shape = (1 + cfg.text_max_tokens, text_width)
         self.text_proj = zero_init(nn.Linear(text_width, emb_dim))

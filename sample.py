@@ -29,7 +29,7 @@ import torch
 
 from dataset import build_dataset
 from ddpm import edit_flags, edit_runs
-from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
+from ddpm.checkpoint import LoadedCheckpoint, load_for_use
 from ddpm.cli import (
     ArgumentParser,
     add_prompt_flags,
@@ -39,15 +39,15 @@ from ddpm.cli import (
     read_prompts,
     sampler_overrides,
 )
-from ddpm.conditions import prompt_conditions, repeat_to
+from ddpm.conditions import Conditions, prompt_conditions, repeat_to
 from ddpm.distributed import close_distributed, setup_distributed, wait_for_all
-from ddpm.generation import batch_generator, generate, prepare_model, sample_batches
+from ddpm.generation import Sampling, batch_generator, generate, prepare_model, sample_batches
 from ddpm.images import image_format, make_grid, save_grid, to_pil, to_uint8
 from ddpm.latent import codec_of_checkpoint
 from ddpm.png_folders import existing_images, sample_to_folder
 from ddpm.samplers import sampler_timesteps
 from diffusion import GaussianDiffusion
-from utils import UserError, atomic_write, check_writable, read_text, writing
+from utils import UserError, atomic_write, check_writable, read_text, replace_via
 
 # ---- pictures of the process ----------------------------------------------------------------------------
 
@@ -57,20 +57,21 @@ def evenly_spaced(items: list, k: int) -> list:
     return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, min(k, len(items))).round().astype(int))]
 
 
-def denoise(model, diffusion, m, labels, num_records, s, device):
+def sample_recorded(sampling, m: int, labels, num_records: int):
     """Sample m images, recording num_records evenly spaced steps; returns (x_0, trajectory, record)."""
-    record = evenly_spaced(sampler_timesteps(diffusion, s), num_records)
-    x, trajectory = generate(model, diffusion, m, s, batch_generator(s.seed, 0, m, device), device,
+    sample_cfg = sampling.sample_cfg
+    record = evenly_spaced(sampler_timesteps(sampling.diffusion, sample_cfg), num_records)
+    x, trajectory = generate(sampling, m, batch_generator(sample_cfg.seed, 0, m, sampling.device),
                              repeat_to(labels, m), record=record)
     return x.float().cpu(), trajectory, record
 
 
-def save_process(model, diffusion, path, n, labels, s, device, columns=10) -> int:
+def save_process(sampling, path: str, n: int, labels, columns: int = 10) -> int:
     """The denoising of up to 8 samples as one picture: per sample, a row of x_t at `columns` evenly spaced
     steps of the sampler (x_T first), then the final sample; under it a row with the model's prediction
     of x_0 at those same steps (and the final sample again). Returns the number of samples."""
     m = min(8, n)
-    x, trajectory, record = denoise(model, diffusion, m, labels, columns, s, device)
+    x, trajectory, record = sample_recorded(sampling, m, labels, columns)
     x_t = torch.stack(trajectory["x_t"] + [x], dim=1)  # m x columns+1 x C x H x W
     x0 = torch.stack(trajectory["x0"] + [x], dim=1)
     rows = torch.stack([x_t, x0], dim=1).flatten(0, 2)  # sample 0's x_t row, its x_0 row, sample 1's ...
@@ -78,13 +79,13 @@ def save_process(model, diffusion, path, n, labels, s, device, columns=10) -> in
     return m
 
 
-def save_gif(model, diffusion, path, n, labels, s, device, frames=20) -> int:
+def save_gif(sampling, path: str, n: int, labels, frames: int = 20) -> int:
     """An animated GIF of a grid of up to 16 samples being denoised: x_t at `frames` evenly spaced steps
     of the sampler, then the final samples, held for two seconds. Mostly noise, which GIF cannot compress:
     up to about 30 KB a frame for 16 images enlarged to 64 x 64 (make_grid), so 20 frames keep it under a
     megabyte. Returns the number of samples."""
     m = min(16, n)
-    x, trajectory, _ = denoise(model, diffusion, m, labels, frames, s, device)
+    x, trajectory, _ = sample_recorded(sampling, m, labels, frames)
     grids = [make_grid(to_uint8(images)) for images in trajectory["x_t"] + [x]]
     images = [to_pil(g) for g in grids]
     durations = [80] * (len(images) - 1) + [2000]
@@ -144,47 +145,45 @@ def parse_args(argv=None):
     return p.parse_intermixed_args(argv)
 
 
-def load_model(args, device):
-    """(cfg, model, diffusion, text state) of --ckpt with the command line's settings."""
-    ckpt = load_checkpoint(args.ckpt)
+def load_model(args, device) -> LoadedCheckpoint:
+    """--ckpt with the command line's settings."""
     flags = sampler_overrides(args) + ([f"sample.n={args.n}"] if args.n is not None else [])
-    cfg, model, diffusion = model_from_checkpoint(ckpt, device, use_ema=not args.no_ema,
-                                                  overrides=args.overrides + flags)
-    model.codec = codec_of_checkpoint(ckpt, cfg, device)  # a latent model's samples decoded (ddpm/latent.py)
-    return cfg, model, diffusion, ckpt.get("text")
+    loaded = load_for_use(args.ckpt, device, use_ema=not args.no_ema, overrides=args.overrides + flags)
+    loaded.model.codec = codec_of_checkpoint(loaded)  # a latent model's samples decoded (ddpm/latent.py)
+    return loaded
 
 
-def load(args, device, say):
-    """(cfg, model, diffusion, labels, nrow, image prompts) of --ckpt with the command line's settings; cfg.sample.n
-    is the number of images (a multiple of the classes with --class-label all, of the prompts with prompts).
-    labels are the conditions, nrow the images per grid row when each row has one condition, and image prompts
-    the prompt of each image (None without prompts)."""
-    cfg, model, diffusion, text_state = load_model(args, device)
+def load(args, process) -> tuple[LoadedCheckpoint, Conditions]:
+    """--ckpt with the command line's settings, and the conditions of its images: their number, cfg.sample.n, is made
+    a multiple of the classes with --class-label all, of the prompts with prompts; with a negative prompt the model
+    guides away from it."""
+    loaded = load_model(args, process.device)
+    cfg = loaded.cfg
     prompts = read_prompts(args, cfg.model, cfg.sample.guidance_scale)
-    image_prompts = None
     if prompts:
-        model, labels, n, nrow, image_prompts = prompt_rows(args, cfg, text_state, model, prompts, device, say)
+        loaded.model, conditions = prompt_rows(args, loaded, prompts, process.say)
         what = f"each of the {len(prompts)} prompts"
     else:
-        labels, n, nrow = class_labels(args.class_label, cfg.model.num_classes, cfg.sample.n)
+        conditions = class_labels(args.class_label, cfg.model.num_classes, cfg.sample.n)
         what = f"each of the {cfg.model.num_classes} classes (--class-label all)"
         if cfg.model.text_encoder:
-            say("no --prompt: samples of the empty caption (unconditional)")
-    if n != cfg.sample.n:
-        say(f"{nrow} images for {what}, {n} in all")
-        cfg.sample = dataclasses.replace(cfg.sample, n=n)
-    return cfg, model, diffusion, labels, nrow, image_prompts
+            process.say("no --prompt: samples of the empty caption (unconditional)")
+    if conditions.n != cfg.sample.n:
+        process.say(f"{conditions.nrow} images for {what}, {conditions.n} in all")
+        cfg.sample = dataclasses.replace(cfg.sample, n=conditions.n)
+    return loaded, conditions
 
 
 # ---- prompts of text-conditional models -------------------------------------------------------------------------
 
 
-def prompt_rows(args, cfg, text_state, model, prompts, device, say):
-    """(model, conditions, n, nrow, image prompts) for P prompts: a grid row of max(1, n // P) images for each,
-    n rounded to a multiple of P. The model guides away from --negative-prompt when it is given."""
-    model, conds = prompt_conditions(args, cfg.model, text_state, model, prompts, device, say)
-    per = max(1, cfg.sample.n // len(prompts))
-    return model, conds.repeat_interleave(per, dim=0), per * len(prompts), per, [p for p in prompts for _ in range(per)]
+def prompt_rows(args, loaded, prompts, say) -> tuple[torch.nn.Module, Conditions]:
+    """(model, conditions) for P prompts: a grid row of max(1, n // P) images for each, n rounded to a multiple of
+    P. The model guides away from --negative-prompt when it is given."""
+    model, conds = prompt_conditions(loaded, prompts, args.negative_prompt, say)
+    per = max(1, loaded.cfg.sample.n // len(prompts))
+    return model, Conditions(conds.repeat_interleave(per, dim=0), per * len(prompts), per,
+                             [p for p in prompts for _ in range(per)])
 
 
 def check_prompt_files(folder: str, image_prompts, write: bool) -> None:
@@ -208,10 +207,15 @@ def check_prompt_files(folder: str, image_prompts, write: bool) -> None:
             raise UserError(f"--save-dir '{folder}' holds images made without prompts ({i:07d}.png has no .txt); "
                             "give another folder")
         elif write:
-            with writing(path):
-                with open(path + ".tmp", "w", encoding="utf-8") as f:
-                    f.write(prompt + "\n")
-                os.replace(path + ".tmp", path)
+            save_prompt(prompt, path)
+
+
+def save_prompt(prompt: str, path: str) -> None:
+    """The prompt as a line of UTF-8 text, written under a temporary name and renamed (as save_png writes)."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(prompt + "\n")
+    replace_via(path, path + ".tmp", write)
 
 
 def check_outputs(args, cfg):
@@ -234,80 +238,81 @@ def check_outputs(args, cfg):
     return out, schedules
 
 
-def pictures(args, out, model, diffusion, cfg, labels, nrow, device) -> int:
+def pictures(args, out, sampling, conditions) -> int:
     """The grid, the process picture and the GIF that were asked for; returns the number of images sampled."""
-    s, n, sampled = cfg.sample, cfg.sample.n, 0
-    picture_labels = labels[::nrow] if nrow else labels  # one of each class or prompt when a row has one
+    n, sampled = conditions.n, 0
+    picture_labels = conditions.per_row()  # one of each class or prompt when a row has one
     if out:
-        batches = sample_batches(model, diffusion, n, s, device, labels=repeat_to(labels, n))
-        save_grid(torch.cat([x for _, x in batches]), out, nrow=nrow)
+        batches = sample_batches(sampling, n, labels=repeat_to(conditions.labels, n))
+        save_grid(torch.cat([x for _, x in batches]), out, nrow=conditions.nrow)
         sampled += n
         print(f"grid: {out}")
     if args.process:
-        sampled += save_process(model, diffusion, args.process, n, picture_labels, s, device)
+        sampled += save_process(sampling, args.process, n, picture_labels)
         print(f"process: {args.process}")
     if args.gif:
-        sampled += save_gif(model, diffusion, args.gif, n, picture_labels, s, device)
+        sampled += save_gif(sampling, args.gif, n, picture_labels)
         print(f"gif: {args.gif}")
     return sampled
 
 
-def run(args, rank, world, device):
-    """Everything main does, on one of `world` processes: they share the --save-dir folder; rank 0 alone
+def run(args, process):
+    """Everything main does, on one of the `world` processes: they share the --save-dir folder; rank 0 alone
     makes the pictures and prints."""
-    say = print if rank == 0 else (lambda *a, **k: None)
     if edit_flags.requested(args):
-        edit(args, world, device)
+        edit(args, process)
         return
-    cfg, model, diffusion, labels, nrow, image_prompts = load(args, device, say)
+    loaded, conditions = load(args, process)
+    cfg, n, rank = loaded.cfg, conditions.n, process.rank
     out, schedules = check_outputs(args, cfg)
-    s, n = cfg.sample, cfg.sample.n
     if args.save_dir and cfg.model.text_encoder:
-        check_prompt_files(args.save_dir, image_prompts, write=rank == 0)
-    model = prepare_model(model, diffusion, cfg, device, min(s.batch_size, n), labels, say)
+        check_prompt_files(args.save_dir, conditions.prompts, write=rank == 0)
+    sampling = prepare_model(Sampling.of(loaded), cfg.train.compile, min(cfg.sample.batch_size, n), conditions.labels,
+                             process.say)
     sampled, start_time = 0, time.perf_counter()
     if args.save_dir:
         before = len(existing_images(args.save_dir))
-        total = sample_to_folder(model, diffusion, args.save_dir, n, s, device, labels, rank, world)
+        total = sample_to_folder(sampling, args.save_dir, n, conditions.labels, rank, process.world)
         sampled += total - before
-        say(f"images: {args.save_dir} ({total} images, {total - before} new)")
+        process.say(f"images: {args.save_dir} ({total} images, {total - before} new)")
     if rank == 0:
-        sampled += pictures(args, out, model, diffusion, cfg, labels, nrow, device)
+        sampled += pictures(args, out, sampling, conditions)
     elapsed = time.perf_counter() - start_time
     if args.forward and rank == 0:
-        save_forward(cfg, args.forward, schedules, n, s.seed)
+        save_forward(cfg, args.forward, schedules, n, cfg.sample.seed)
         print(f"forward: {args.forward}")
     if sampled:
-        say(f"sampled {sampled} images in {elapsed:.1f} s ({sampled / elapsed:.3g} images/s)")
+        process.say(f"sampled {sampled} images in {elapsed:.1f} s ({sampled / elapsed:.3g} images/s)")
 
 
-def edit(args, world, device):
+def edit(args, process):
     """--init, --interpolate and the other editing flags (ddpm/edit_runs.py): image to image, inpainting, inversion,
     interpolation."""
-    which = edit_flags.check_flags(args, world)
-    cfg, model, diffusion, text_state = load_model(args, device)
-    if model.codec is not None:
+    which = edit_flags.check_flags(args, process.world)
+    loaded = load_model(args, process.device)
+    if loaded.latent is not None:
         raise UserError("editing a latent model (latent.autoencoder) is not supported yet: its inputs would have to "
                         "be encoded; sample it without the editing flags")
+    cfg = loaded.cfg
     # one condition per prompt or class, cycled over the inputs; None: the unconditional model
     labels = None
     if prompts := read_prompts(args, cfg.model, cfg.sample.guidance_scale):
-        model, labels = prompt_conditions(args, cfg.model, text_state, model, prompts, device)
+        loaded.model, labels = prompt_conditions(loaded, prompts, args.negative_prompt)
     elif args.class_label is not None:
-        labels, _, _ = class_labels(args.class_label, cfg.model.num_classes, 1)
-    edit_flags.check_sampler(args, which, cfg.sample, len(sampler_timesteps(diffusion, cfg.sample)))
-    edit_runs.run(args, which, cfg, model, diffusion, labels, device)
+        labels = class_labels(args.class_label, cfg.model.num_classes, 1).labels
+    edit_flags.check_sampler(args, which, cfg.sample, len(sampler_timesteps(loaded.diffusion, cfg.sample)))
+    edit_runs.run(args, which, loaded, labels)
 
 
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args.device)
+    process = setup_distributed(args.device)
     try:
-        run(args, rank, world, device)
-        wait_for_all(world)  # the other ranks wait for rank 0's pictures before the group is taken down
+        run(args, process)
+        wait_for_all(process.world)  # the other ranks wait for rank 0's pictures before the group is taken down
     finally:
-        close_distributed(world)
+        close_distributed(process.world)
 
 
 if __name__ == "__main__":

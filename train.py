@@ -12,6 +12,7 @@ The step itself is ddpm/training_step.py's Trainer; here every few steps the run
 and writes a checkpoint (TrainingRun.loop), and the command line sets the run up and resumes it.
 """
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -26,7 +27,7 @@ from ddpm.checkpoint import check_same_architecture, load_checkpoint, save_run_c
 from ddpm.cli import ArgumentParser, StopSignal, cli
 from ddpm.conditions import grid_captions
 from ddpm.distributed import close_distributed, setup_distributed, wait_for_all
-from ddpm.generation import generate, sampler_record
+from ddpm.generation import Sampling, generate, sampler_record
 from ddpm.images import make_grid, save_image, to_uint8
 from ddpm.latent import check_checkpoint_space, latent_training_data
 from ddpm.metrics import append_record, fid_of, load_inception
@@ -45,12 +46,23 @@ def parse_args(argv=None):
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.batch_size=64")
     return p.parse_args(argv)
 
+
+@dataclasses.dataclass
+class RunPaths:
+    """Where a run reads and writes: its name, checkpoints/<name>, results/<name>, and the checkpoint it resumes
+    from (None for a new run)."""
+    name: str
+    ckpt_dir: str
+    out_dir: str
+    resume: str | None
+
+
 class TrainingRun:
     """A Trainer and what happens around its steps. Only rank 0 has a RunLog and writes files."""
 
-    def __init__(self, trainer, ckpt_dir, out_dir, runlog, stop, extractor=None):
+    def __init__(self, trainer, paths: RunPaths, runlog, stop, extractor=None):
         self.trainer, self.cfg, self.world = trainer, trainer.cfg, trainer.world
-        self.ckpt_dir, self.out_dir, self.runlog, self.stop_signal = ckpt_dir, out_dir, runlog, stop
+        self.ckpt_dir, self.out_dir, self.runlog, self.stop_signal = paths.ckpt_dir, paths.out_dir, runlog, stop
         self.extractor = extractor
         self.saved_step, self.warned = trainer.step, 0
         self.loss_sum, self.logged_steps, self.last_log = 0, 0, time.perf_counter()
@@ -118,7 +130,8 @@ class TrainingRun:
             labels = torch.arange(cfg.train.sample_n, device=trainer.device) % cfg.model.num_classes
         elif trainer.captions is not None:  # a row per caption
             labels, nrow = self.grid_conditions()
-        x = generate(trainer.ema, trainer.diffusion, cfg.train.sample_n, cfg.sample, gen, trainer.device, labels)
+        sampling = Sampling(trainer.ema, trainer.diffusion, cfg.sample, trainer.device)
+        x = generate(sampling, cfg.train.sample_n, gen, labels)
         grid = make_grid(to_uint8(x), nrow)
         save_image(grid, os.path.join(self.out_dir, "samples", f"step_{trainer.step:07d}.png"))
         self.runlog.image("samples", grid, trainer.step)
@@ -138,7 +151,8 @@ class TrainingRun:
     def log_fid(self) -> None:
         """FID of train.fid_samples EMA samples, to TensorBoard and results/<name>/metrics.json."""
         cfg, step, n = self.cfg, self.trainer.step, self.cfg.train.fid_samples
-        fid = fid_of(self.trainer.ema, self.trainer.diffusion, cfg, n, self.trainer.device, self.extractor)
+        sampling = Sampling(self.trainer.ema, self.trainer.diffusion, cfg.sample, self.trainer.device)
+        fid = fid_of(sampling, cfg.data, n, self.extractor)
         self.runlog.scalar("eval/fid", fid, step)
         self.runlog.message(f"step {step}: FID {fid:.2f} ({n} samples)")
         append_record(os.path.join(self.out_dir, "metrics.json"),
@@ -164,7 +178,7 @@ class TrainingRun:
 # ---- setting a run up -----------------------------------------------------------------------------------------
 
 def load_run(args):
-    """(config, run name, checkpoint folder, results folder, resume path or None, loaded checkpoint or None).
+    """(config, the run's paths, the checkpoint it resumes from or None).
 
     Without --config, a resumed run takes the checkpoint's own config, and with --resume PATH its name."""
     cfg = load_config(args.config, args.overrides)
@@ -188,28 +202,26 @@ def load_run(args):
         ckpt = load_checkpoint(path)
     if ckpt is not None and own_config:
         cfg = config_from_dict(ckpt["config"], args.overrides)
-    return cfg, name, ckpt_dir, out_dir, path, ckpt
+    return cfg, RunPaths(name, ckpt_dir, out_dir, path), ckpt
 
 
 def is_run_name(name: str) -> bool:
     return bool(name) and not set(name) & {"/", "\\", "\0"} and name.strip(".") != ""
 
 
-def load_data(cfg, rank, world, device, ckpt=None, path=None):
+def load_data(cfg, process, ckpt=None, path=None):
     """(cfg, the data set); rank 0 downloads or decodes and caches it first, alone, then the others read it. A latent
     config's data set is the latents of the images (ddpm/latent.py), and its cfg is resolved against the autoencoder."""
     check_checkpoint_space(ckpt, cfg, path)
-    if rank != 0:
-        wait_for_all(world)
+    if process.rank != 0:
+        wait_for_all(process.world)
     dataset = build_dataset(cfg.data, captions=cfg.model.text_encoder is not None)
     if cfg.latent.autoencoder is not None:
-        cfg, dataset = latent_training_data(cfg, dataset, device, ckpt)
-    if rank == 0:
-        wait_for_all(world)
+        cfg, dataset = latent_training_data(cfg, dataset, process.device, ckpt)
+    if process.rank == 0:
+        wait_for_all(process.world)
     if dataset.captions is not None:
-        summary = caption_summary(dataset)  # on every rank: a set without captions stops them all
-        if rank == 0:
-            print(summary)
+        process.say(caption_summary(dataset))  # on every rank: a set without captions stops them all
     return cfg, dataset
 
 
@@ -217,45 +229,46 @@ def load_data(cfg, rank, world, device, ckpt=None, path=None):
 def main(argv=None, extractor=None):
     """extractor: the FID feature network for train.fid_every (default: the Inception of ddpm/metrics.py)."""
     args = parse_args(argv)
-    rank, world, device = setup_distributed(args.device)
+    process = setup_distributed(args.device)
     try:
-        run(args, rank, world, device, extractor)
+        run(args, process, extractor)
     finally:
-        close_distributed(world)
+        close_distributed(process.world)
 
 
-def run(args, rank, world, device, extractor=None):
-    cfg, name, ckpt_dir, out_dir, path, ckpt = load_run(args)
-    check_batch_split(cfg.train, world)
+def run(args, process, extractor=None):
+    cfg, paths, ckpt = load_run(args)
+    check_batch_split(cfg.train, process.world)
     if ckpt is None and cfg.train.max_steps == 0:
         raise UserError("train.max_steps=0 on a new run trains nothing and writes no checkpoint; give "
                         "train.max_steps of at least 1")
+    main_process = process.rank == 0
     with contextlib.ExitStack() as stack:
-        if rank == 0:
-            stack.enter_context(FolderLock(ckpt_dir, "training run"))  # a second run of this name is refused
-            for folder in (ckpt_dir, out_dir):  # fail now, not at the first save hours later
+        if main_process:
+            stack.enter_context(FolderLock(paths.ckpt_dir, "training run"))  # a second run of this name is refused
+            for folder in (paths.ckpt_dir, paths.out_dir):  # fail now, not at the first save hours later
                 check_writable(folder, folder=True)
-        cfg, trainer, history = start_trainer(cfg, name, rank, world, device, ckpt, path)
+        cfg, trainer, history = start_trainer(cfg, paths, ckpt, process)
         del ckpt  # the weights now live in the trainer
         stack.callback(trainer.release)
-        if cfg.train.fid_every and rank == 0 and extractor is None:
-            extractor = load_inception(None, device)
+        if cfg.train.fid_every and main_process and extractor is None:
+            extractor = load_inception(None, process.device)
         stop = stack.enter_context(StopSignal())
-        runlog = stack.enter_context(open_runlog(cfg, trainer, ckpt_dir, out_dir, path, history)) if rank == 0 else None
-        TrainingRun(trainer, ckpt_dir, out_dir, runlog, stop, extractor).loop()
+        runlog = stack.enter_context(open_runlog(cfg, trainer, paths, history)) if main_process else None
+        TrainingRun(trainer, paths, runlog, stop, extractor).loop()
 
 
-def start_trainer(cfg, name, rank, world, device, ckpt, path):
+def start_trainer(cfg, paths: RunPaths, ckpt, process):
     """(config with its run-time values resolved, Trainer at the checkpoint's state, the checkpoint's log)."""
-    enable_tf32(device)
-    cfg, dataset = load_data(cfg, rank, world, device, ckpt, path)
+    enable_tf32(process.device)
+    cfg, dataset = load_data(cfg, process, ckpt, paths.resume)
     auto = cfg.model.num_classes == "auto"
-    cfg = resolved(cfg, name=name, num_classes=num_classes(dataset) if auto else cfg.model.num_classes)
+    cfg = resolved(cfg, name=paths.name, num_classes=num_classes(dataset) if auto else cfg.model.num_classes)
     if ckpt is not None:
-        check_same_architecture(ckpt, cfg, path)
-    if rank == 0 and (warning := schedule_warning(cfg.diffusion)):
-        print(warning)
-    trainer = Trainer(cfg, device, rank, world, dataset, text_state=ckpt.get("text") if ckpt else None)
+        check_same_architecture(ckpt, cfg, paths.resume)
+    if warning := schedule_warning(cfg.diffusion):
+        process.say(warning)
+    trainer = Trainer(cfg, process, dataset, text_state=ckpt.get("text") if ckpt else None)
     if ckpt is None:
         return cfg, trainer, None
     trainer.load_state_dict(ckpt)
@@ -263,8 +276,9 @@ def start_trainer(cfg, name, rank, world, device, ckpt, path):
 
 
 @contextlib.contextmanager
-def open_runlog(cfg, trainer, ckpt_dir, out_dir, path, history):
+def open_runlog(cfg, trainer, paths: RunPaths, history):
     """Rank 0's RunLog, after printing the config and writing it to results/<name>/config.yaml."""
+    out_dir, path = paths.out_dir, paths.resume
     runlog = RunLog(out_dir, trainer.step, cfg.train.max_steps, history)
     try:
         trainer.log = runlog.message

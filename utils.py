@@ -1,5 +1,5 @@
 """Small helpers shared by the scripts: one-line errors and interrupts, devices, safe file writes and folder
-locks, image grids."""
+locks, JSON and text files."""
 import contextlib
 import json
 import os
@@ -97,14 +97,25 @@ def atomic_write(path: str, write_fn) -> None:
     with writing(path):
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+
+    def write_synced(tmp):
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+    replace_via(path, tmp, write_synced)
+
+
+def replace_via(path: str, tmp: str, write_tmp) -> None:
+    """Write-then-rename: write_tmp(tmp) makes the file `tmp` in path's folder, which then replaces `path`
+    (os.replace is atomic on POSIX and Windows), so a reader or a killed run never sees half a file. On any failure
+    `tmp` is removed and `path` is left as it was; a failed write is a UserError (see `writing`)."""
+    with writing(path):
         try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
-            with os.fdopen(fd, "wb") as f:
-                write_fn(f)
-                f.flush()
-                os.fsync(f.fileno())
+            write_tmp(tmp)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):

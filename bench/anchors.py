@@ -73,8 +73,8 @@ def ours(device, quick=False) -> Impl:
     size = cfg.data.image_size
 
     def sample_fn(net, n, steps):
-        s = dataclasses.replace(cfg.sample, sampler="ddim", steps=steps, eta=0.0)
-        return sample_loop(diffusion, diffusion.denoiser(net), torch.randn(n, 3, size, size, device=device), s)
+        sample_cfg = dataclasses.replace(cfg.sample, sampler="ddim", steps=steps, eta=0.0)
+        return sample_loop(diffusion, diffusion.denoiser(net), torch.randn(n, 3, size, size, device=device), sample_cfg)
 
     return Impl("ours", "this repository", model, diffusion.loss, sample_fn, lambda net, x, t: net(x, t), size)
 

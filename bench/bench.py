@@ -214,10 +214,10 @@ E2E = {"ours": ours_e2e, "lucidrains": lucidrains_e2e}  # diffusers ships no tra
 
 
 def best(cases: dict) -> tuple[str | None, dict | None]:
-    ok = {s: c for s, c in cases.items() if "error" not in c}
+    ok = {setting: c for setting, c in cases.items() if "error" not in c}
     if not ok:
         return None, None
-    setting = max(ok, key=lambda s: ok[s]["img_per_s"])
+    setting = max(ok, key=lambda setting: ok[setting]["img_per_s"])
     return setting, ok[setting]
 
 
@@ -246,9 +246,9 @@ def measure(name, args, device, peak) -> dict:
             return res
     for part, fn in (("compute", train_compute), ("sample", sample_speed)):
         if part in args.parts:
-            detail[part] = {s: run_case(fn, name, s, args, device) for s in args.settings}
+            detail[part] = {setting: run_case(fn, name, setting, args, device) for setting in args.settings}
     if "e2e" in args.parts and name in E2E:
-        detail["e2e"] = {s: run_case(E2E[name], name, s, args, device) for s in args.settings}
+        detail["e2e"] = {setting: run_case(E2E[name], name, setting, args, device) for setting in args.settings}
     res["settings"] = {}
     for part, key in (("compute", "train_img_per_s"), ("sample", "sample_ddim50_img_per_s"),
                       ("e2e", "train_e2e_img_per_s")):
@@ -359,7 +359,7 @@ def main(argv=None):
     path = os.path.join(args.out, f"{slug}-{date}")
     record = merge(path + ".json", record)
     for res in record["results"].values():
-        res["setting"] = "; ".join(f"{part}: {s}" for part, s in res.get("settings", {}).items()) or None
+        res["setting"] = "; ".join(f"{part}: {setting}" for part, setting in res.get("settings", {}).items()) or None
     text = table(record)
     with open(path + ".json", "w") as f:
         json.dump(record, f, indent=1)

@@ -67,8 +67,8 @@ def ours_rows(diffusion, model, x_T, exact, steps):
     rows = []
     for sampler, order in (("ddim", None), ("dpmpp", 1), ("dpmpp", 2), ("dpmpp", 3)):
         for spacing in SPACINGS:
-            s = dict(sampler=sampler, spacing=spacing, **({"order": order} if order else {}))
-            err = {n: rms(sample_loop(diffusion, diffusion.denoiser(model), x_T, SampleConfig(steps=n, **s)), exact)
+            kind = dict(sampler=sampler, spacing=spacing, **({"order": order} if order else {}))
+            err = {n: rms(sample_loop(diffusion, diffusion.denoiser(model), x_T, SampleConfig(steps=n, **kind)), exact)
                    for n in steps}
             rows.append({"impl": "ours", "sampler": name(sampler, order), "spacing": spacing, "error": err})
     return rows
@@ -128,11 +128,11 @@ def ode_part(args) -> dict:
 
 # ---- the checkpoint part -----------------------------------------------------------------------------------------
 
-def timed_samples(model, diffusion, s, n, seed=0):
+def timed_samples(model, diffusion, sample_cfg, n, seed=0):
     """(n images, images/s) of sampler settings s, x_T from the seed's generator (the same for every sampler)."""
-    from ddpm.generation import batch_generator, generate
+    from ddpm.generation import Sampling, batch_generator, generate
     start = time.perf_counter()
-    x = generate(model, diffusion, n, s, batch_generator(seed, 0, n, "cpu"), "cpu")
+    x = generate(Sampling(model, diffusion, sample_cfg, "cpu"), n, batch_generator(seed, 0, n, "cpu"))
     return x, n / (time.perf_counter() - start)
 
 
@@ -148,8 +148,8 @@ def ckpt_part(args) -> dict:
         [("dpmpp", o, "logsnr") for o in (2, 3)]
     for steps in args.ckpt_steps:
         for sampler, order, spacing in fast:
-            s = SampleConfig(sampler=sampler, steps=steps, order=order or 2, spacing=spacing, precision="fp32")
-            x, speed = timed_samples(model, diffusion, s, args.n)
+            sample_cfg = SampleConfig(sampler=sampler, steps=steps, order=order or 2, spacing=spacing, precision="fp32")
+            x, speed = timed_samples(model, diffusion, sample_cfg, args.n)
             distance = (x - ref).pow(2).flatten(1).mean(1).sqrt().mean().item()
             rows.append({"sampler": name(sampler, order), "spacing": spacing, "steps": steps, "img_per_s": speed,
                          "distance": distance})

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ddpm.image_cache import load_uint8
 from ddpm.images import to_float
+from diffusion import per_image
 from utils import UserError
 
 
@@ -75,7 +76,7 @@ class Batches:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.hflip:
             flip = self._flips[self.batch, self.offset:self.offset + self.local_batch]
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            x = torch.where(per_image(flip, x.ndim), x.flip(3), x)
         self.batch += 1
         if self.batch == self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0

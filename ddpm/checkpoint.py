@@ -6,6 +6,7 @@
      "text": the caption encoder's state of a text model (ddpm/text_encoders.py: the vocabulary, or CLIP's width)}
 """
 import contextlib
+import dataclasses
 import os
 import pickle
 import random
@@ -18,7 +19,7 @@ import torch
 from config import config_from_dict
 from diffusion import GaussianDiffusion
 from model import UNet
-from utils import UserError, atomic_write, first_line, writing
+from utils import UserError, atomic_write, first_line, replace_via
 
 FORMAT = "ddpm-checkpoint-v1"
 
@@ -38,23 +39,20 @@ def save_run_checkpoint(state: dict, ckpt_dir: str, step: int, keep_last: int) -
     last = os.path.join(ckpt_dir, "last.pt")
     save_checkpoint(state, last)
     step_file = os.path.join(ckpt_dir, f"step_{step:07d}.pt")
-    tmp = step_file + ".tmp"
-    with writing(step_file):
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-            try:
-                os.link(last, tmp)
-            except OSError:  # a file system without hard links
-                shutil.copyfile(last, tmp)
-            os.replace(tmp, step_file)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+    replace_via(step_file, step_file + ".tmp", lambda tmp: link_or_copy(last, tmp))
     steps = sorted(f for f in os.listdir(ckpt_dir) if f.startswith("step_") and f.endswith(".pt"))
     for old in steps[:max(0, len(steps) - keep_last)]:
         os.remove(os.path.join(ckpt_dir, old))
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """dst as a hard link of src (a copy on a file system without hard links), over a stale dst."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(dst)
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(src, dst)
 
 
 def rng_state(device) -> dict:
@@ -150,6 +148,30 @@ def check_same_architecture(ckpt: dict, cfg, path: str) -> None:
 def to_plain(section) -> dict:
     d = section if isinstance(section, dict) else vars(section)
     return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in d.items()}
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """A checkpoint read for use: its config (with the overrides of this use), the network (in eval mode, on
+    `device`), its diffusion, the training step it was saved at, a text model's caption encoder state (None
+    otherwise), the file it came from, and a latent model's record of its autoencoder (ddpm/codecs.py; None for a
+    pixel-space model)."""
+    cfg: object
+    model: torch.nn.Module
+    diffusion: GaussianDiffusion
+    step: int
+    text_state: dict | None
+    path: str
+    device: torch.device
+    latent: dict | None = None
+
+
+def load_for_use(path: str, device, use_ema: bool = True, overrides=()) -> LoadedCheckpoint:
+    """The checkpoint at `path` ready to sample from (see model_from_checkpoint for use_ema and overrides)."""
+    ckpt = load_checkpoint(path)
+    cfg, model, diffusion = model_from_checkpoint(ckpt, device, use_ema, overrides)
+    return LoadedCheckpoint(cfg, model, diffusion, ckpt["step"], ckpt.get("text"), path, torch.device(device),
+                            ckpt.get("latent"))
 
 
 def model_from_checkpoint(ckpt: dict, device, use_ema: bool = True, overrides=()):

@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from ddpm.conditions import Conditions
 from ddpm.samplers import SPACINGS
 from utils import Terminated, UserError, read_text
 
@@ -42,7 +43,7 @@ class StopSignal:
 
     def __enter__(self):
         self.signum = 0
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {signum_: signal.signal(signum_, self._handle) for signum_ in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
@@ -50,8 +51,8 @@ class StopSignal:
         signal.signal(signum, signal.SIG_DFL)
 
     def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+        for signum_, handler in self.previous.items():
+            signal.signal(signum_, handler)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -93,19 +94,19 @@ def sampler_overrides(args) -> list[str]:
     return [f"sample.{k}={getattr(args, k)}" for k in SAMPLER_FLAGS if getattr(args, k) is not None]
 
 
-def class_labels(spec, num_classes, n):
-    """(labels, n, nrow) for --class-label. labels are cycled over the images (None: unconditional);
-    'all' makes n a multiple of the number of classes, so that each grid row (nrow images) is one class."""
+def class_labels(spec, num_classes, n) -> Conditions:
+    """The conditions of --class-label for n images: labels cycled over the images (None: unconditional); 'all'
+    makes n a multiple of the number of classes, so that each grid row (nrow images) is one class."""
     if num_classes is None:
         if spec is not None:
             raise UserError("--class-label needs a class-conditional checkpoint; this one was trained without "
                             "labels (model.num_classes is null)")
-        return None, n, None
+        return Conditions(None, n)
     if spec == "all":
         per_class = max(1, n // num_classes)
-        return torch.arange(num_classes).repeat_interleave(per_class), per_class * num_classes, per_class
+        return Conditions(torch.arange(num_classes).repeat_interleave(per_class), per_class * num_classes, per_class)
     if spec is None:
-        return list(range(num_classes)), n, None
+        return Conditions(list(range(num_classes)), n)
     try:
         labels = [int(k) for k in spec.split(",")]
     except ValueError:
@@ -114,7 +115,7 @@ def class_labels(spec, num_classes, n):
         if not 0 <= k < num_classes:
             raise UserError(f"--class-label {k} is out of range; this checkpoint has {num_classes} classes "
                             f"(0..{num_classes - 1})")
-    return labels, n, None
+    return Conditions(labels, n)
 
 
 def add_prompt_flags(p, repeatable: bool = True) -> None:
@@ -127,14 +128,14 @@ def add_prompt_flags(p, repeatable: bool = True) -> None:
                                              "(with --guidance-scale above 1)")
 
 
-def read_prompts(args, m, guidance_scale: float) -> list[str]:
-    """The prompts of --prompt and then --prompts, after checking that the flags suit model config `m`."""
+def read_prompts(args, model_cfg, guidance_scale: float) -> list[str]:
+    """The prompts of --prompt and then --prompts, after checking that the flags suit the model config `model_cfg`."""
     prompts = list(getattr(args, "prompt", None) or [])
     if args.prompts:
         prompts += [line.strip() for line in read_text(args.prompts, "--prompts file").splitlines() if line.strip()]
         if not prompts:
             raise UserError(f"--prompts file '{args.prompts}' holds no prompts; write one per line")
-    if m.text_encoder is None:
+    if model_cfg.text_encoder is None:
         if prompts or args.negative_prompt is not None:
             raise UserError("--prompt, --prompts and --negative-prompt need a text-conditional checkpoint "
                             "(model.text_encoder); this one has none")

@@ -1,12 +1,13 @@
 """Several processes under torchrun: joining the process group, and waiting for each other.
 
-    rank, world, device = setup_distributed("auto")   # (0, 1, device) without torchrun
-    ...
-    close_distributed(world)                          # at the end, also after an error
+    process = setup_distributed("auto")     # rank, world and device; Process(0, 1, device) without torchrun
+    process.say("...")                      # printed by rank 0 only
+    close_distributed(process.world)        # at the end, also after an error
 
 One process per GPU (NCCL), or per CPU slot (gloo). The scripts that can run under torchrun (train.py,
 sample.py, evaluate.py) call this first and leave the group when they end.
 """
+import dataclasses
 import datetime
 import os
 
@@ -14,6 +15,19 @@ import torch
 import torch.distributed as dist
 
 from utils import UserError, first_line, resolve_device
+
+
+@dataclasses.dataclass(frozen=True)
+class Process:
+    """This process of a run: its rank among the `world` processes of torchrun (0 of 1 without it), its device."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def say(self, *args, **kwargs) -> None:
+        """print on rank 0; the other ranks stay silent, so that a message shows once."""
+        if self.rank == 0:
+            print(*args, **kwargs)
 
 
 def torchrun_env() -> tuple[int, int, int]:
@@ -35,12 +49,13 @@ def torchrun_env() -> tuple[int, int, int]:
     return world, rank, local
 
 
-def setup_distributed(device_arg: str):
-    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) join the group: NCCL on GPUs, gloo on CPUs."""
+def setup_distributed(device_arg: str) -> Process:
+    """This process: its rank, the number of processes and its device. Under torchrun (WORLD_SIZE > 1) join the
+    group: NCCL on GPUs, gloo on CPUs."""
     device = resolve_device(device_arg)
     world, rank, local_rank = torchrun_env()
     if world == 1:
-        return 0, 1, device
+        return Process(0, 1, device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -54,7 +69,7 @@ def setup_distributed(device_arg: str):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
     except ValueError as e:  # e.g. MASTER_ADDR missing: the variables were set by hand, not by torchrun
         raise UserError(f"cannot join the process group ({first_line(e)}); start the processes with torchrun") from None
-    return dist.get_rank(), world, device
+    return Process(dist.get_rank(), world, device)
 
 
 def wait_for_all(world: int) -> None:

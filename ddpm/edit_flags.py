@@ -97,20 +97,20 @@ def _check_interpolation(args) -> None:
             raise UserError(f"--interpolate goes between two images; '{path}' is a folder")
 
 
-def check_sampler(args, edit: str, s, n: int) -> None:
-    """What the sampler settings `s` (the checkpoint's and the flags'; n timesteps) must be for this edit;
+def check_sampler(args, edit: str, sample_cfg, n: int) -> None:
+    """What the sampler settings `sample_cfg` (the checkpoint's and the flags'; n timesteps) must be for this edit;
     fills in --resample."""
     if args.resample is None:
-        args.resample = 1 if s.sampler == "dpmpp" else 10
+        args.resample = 1 if sample_cfg.sampler == "dpmpp" else 10
     if edit in ("invert", "interpolate"):
         try:
-            edits.check_deterministic(s)
+            edits.check_deterministic(sample_cfg)
         except ValueError:
-            this = f"ddim with eta {s.eta}" if s.sampler == "ddim" else s.sampler
+            this = f"ddim with eta {sample_cfg.eta}" if sample_cfg.sampler == "ddim" else sample_cfg.sampler
             raise UserError(f"--{edit} runs the deterministic ODE: use --sampler ddim with --eta 0, or --sampler "
                             f"dpmpp (this is {this})") from None
     if edit == "inpaint" and args.resample > 1:
-        if s.sampler == "dpmpp":
+        if sample_cfg.sampler == "dpmpp":
             raise UserError("DPM-Solver++'s multistep history does not survive RePaint's jumps back: use "
                             "--resample 1 (replace the known part at every step) or --sampler ddim or ddpm")
         if args.jump >= n:

@@ -1,6 +1,6 @@
-"""The editing part of sample.py's command line: its flags and their checks, reading the input images and the
-mask as the training data are read, and writing the grid, the PNG folder, x_T and the settings. The computation
-is edits.py's; sample.py calls `requested`, `check_flags` and `run`.
+"""Running an edit of sample.py over its inputs: reading the input images and the mask as the training data are
+read, and writing the grid, the PNG folder, x_T and the settings. The computation is edits.py's, the flags and their
+checks edit_flags.py's; sample.py calls edit_flags' `requested` and `check_flags`, then `run`.
 
     python sample.py --ckpt CKPT --init photo.png --strength 0.5                # image to image (SDEdit)
     python sample.py --ckpt CKPT --init photo.png --mask hole.png                # inpainting (RePaint)
@@ -10,6 +10,7 @@ is edits.py's; sample.py calls `requested`, `check_flags` and `run`.
     python sample.py --ckpt CKPT --init photos/ --strength 0.6 --save-dir out/  # a folder: one PNG each, resumable
 
 """
+import dataclasses
 import json
 import os
 import time
@@ -19,7 +20,7 @@ import torch
 
 from ddpm import edits
 from ddpm.conditions import repeat_to
-from ddpm.generation import autocast, batch_generator, prepare_model, sampler_record
+from ddpm.generation import Sampling, autocast, batch_generator, prepare_model, sampler_record
 from ddpm.images import IMAGE_EXTENSIONS, decode_image, list_images, open_image, save_grid, save_png, to_float, to_uint8
 from ddpm.samplers import sampler_timesteps
 from utils import UserError, atomic_write, check_writable, on_interrupt, read_json, write_json
@@ -43,7 +44,7 @@ def input_files(path: str) -> tuple[list[str], list[str]]:
 
 
 def read_images(paths: list[str], channels: int, size: int) -> torch.Tensor:
-    """The images in [-1, 1] as the training data are read (dataset.decode_image: resized and centre-cropped to
+    """The images in [-1, 1] as the training data are read (images.decode_image: resized and centre-cropped to
     size x size, converted to `channels`)."""
     images = []
     for path in paths:
@@ -82,16 +83,17 @@ def check_inputs(args, edit: str, model) -> None:
 
 def settings_of(args, edit: str, cfg, diffusion) -> dict:
     """What shaped the results, for the printout and the JSON file beside them."""
-    s = cfg.sample
-    out = {"edit": edit, "ckpt": args.ckpt, "ema": not args.no_ema, **sampler_record(s, cfg.diffusion.timesteps),
-           "seed": s.seed, "batch_size": s.batch_size, "precision": s.precision, "class_label": args.class_label,
+    sample_cfg = cfg.sample
+    out = {"edit": edit, "ckpt": args.ckpt, "ema": not args.no_ema,
+           **sampler_record(sample_cfg, cfg.diffusion.timesteps), "seed": sample_cfg.seed,
+           "batch_size": sample_cfg.batch_size, "precision": sample_cfg.precision, "class_label": args.class_label,
            "init": args.init}
     if cfg.model.text_encoder:
         out.update(prompt=args.prompt, prompts=args.prompts, negative_prompt=args.negative_prompt)
     if edit == "img2img":
-        n = len(sampler_timesteps(diffusion, s))
+        n = len(sampler_timesteps(diffusion, sample_cfg))
         out.update(strength=args.strength, steps_run=edits.strength_steps(n, args.strength),
-                   start_timestep=edits.strength_start(diffusion, s, args.strength))
+                   start_timestep=edits.strength_start(diffusion, sample_cfg, args.strength))
     elif edit == "inpaint":
         out.update(mask=args.mask, jump=args.jump, resample=args.resample)
     elif edit == "interpolate":
@@ -123,24 +125,33 @@ def save_tensor(x: torch.Tensor, path: str) -> None:
     atomic_write(path, lambda f: torch.save(x.detach().float().cpu().clone(), f))
 
 
-def denoiser(model, diffusion, s, labels, start: int, size: int, device):
-    """denoise(x_t, t) for the images start..start+size-1 of an edit: the labels cycled over all of them (None:
-    the null label), guidance and thresholding as the sampler settings say."""
-    cond = None if labels is None else repeat_to(labels, start + size)[start:].to(device)
-    return diffusion.denoiser(model, cond, s.guidance_scale, s.dynamic_threshold)
+def batch_conditions(labels, start: int, size: int, device):
+    """The conditions of the images start..start+size-1 of an edit: the labels cycled over all of them (None: the
+    null condition)."""
+    return None if labels is None else repeat_to(labels, start + size)[start:].to(device)
 
 
-def edit_batch(args, edit, diffusion, denoise, x0, keep, s, generator) -> dict:
+@dataclasses.dataclass
+class Edit:
+    """The edit asked for: its kind (one of TITLES), image to image's strength, and for inpainting the mask and
+    RePaint's settings (None for the other edits)."""
+    kind: str
+    strength: float
+    inpainting: edits.Inpainting | None = None
+
+
+def edit_batch(edit: Edit, sampling, denoise, x0, generator) -> dict:
     """{'result': the edited images, and for inversion 'x_T'}, for one batch of inputs x0."""
-    if edit == "img2img":
-        return {"result": edits.img2img(diffusion, denoise, x0, s, args.strength, generator)}
-    if edit == "inpaint":
-        return {"result": edits.repaint(diffusion, denoise, x0, keep, s, generator, args.jump, args.resample)}
-    x_T = edits.ddim_invert(diffusion, denoise, x0, s)
-    return {"result": edits.decode(diffusion, denoise, x_T, s), "x_T": x_T}
+    diffusion, sample_cfg = sampling.diffusion, sampling.sample_cfg
+    if edit.kind == "img2img":
+        return {"result": edits.img2img(diffusion, denoise, x0, sample_cfg, edit.strength, generator)}
+    if edit.kind == "inpaint":
+        return {"result": edits.repaint(diffusion, denoise, x0, edit.inpainting, sample_cfg, generator)}
+    x_T = edits.ddim_invert(diffusion, denoise, x0, sample_cfg)
+    return {"result": edits.decode(diffusion, denoise, x_T, sample_cfg), "x_T": x_T}
 
 
-def grid_row(edit, x0, keep, out) -> torch.Tensor:
+def grid_row(x0, keep, out) -> torch.Tensor:
     """The grid's images for a batch, row by row: the input, the mask (white = regenerated), x_T / 3 for
     inversion, the result."""
     columns = [x0]
@@ -152,13 +163,17 @@ def grid_row(edit, x0, keep, out) -> torch.Tensor:
     return torch.stack([c.float().cpu() for c in columns], dim=1).flatten(0, 1)
 
 
-def edit_inputs(args, edit, s, model, diffusion, labels, device, grid: bool):
-    """Edit the inputs (--init) in batches of s.batch_size, each with batch_generator's noise as plain sampling's
-    batches have, so a resumed folder holds the files of one made in one go. Only the batches with a missing
-    output in --save-dir run, or all of them for the grid. Returns (grid images, columns, x_T, new results)."""
+def edit_inputs(args, kind: str, sampling, labels, grid: bool):
+    """Edit the inputs (--init) in batches of sample.batch_size, each with batch_generator's noise as plain
+    sampling's batches have, so a resumed folder holds the files of one made in one go. Only the batches with a
+    missing output in --save-dir run, or all of them for the grid. Returns (grid images, columns, x_T, new
+    results)."""
     files, names = input_files(args.init)
-    keep = read_mask(args.mask, model.image_size).to(device) if edit == "inpaint" else None
-    folder, b = args.save_dir, s.batch_size
+    model, device, sample_cfg = sampling.model, sampling.device, sampling.sample_cfg
+    keep = read_mask(args.mask, model.image_size).to(device) if kind == "inpaint" else None
+    inpainting = edits.Inpainting(keep, args.jump, args.resample) if keep is not None else None
+    edit = Edit(kind, args.strength, inpainting)
+    folder, b = args.save_dir, sample_cfg.batch_size
     todo = {i for i, name in enumerate(names) if folder and missing(folder, name, edit)}
     starts = range(0, len(files), b) if grid else sorted({i - i % b for i in todo})
     rows, x_Ts, done = [], [], []
@@ -167,21 +182,21 @@ def edit_inputs(args, edit, s, model, diffusion, labels, device, grid: bool):
         for start in starts:
             paths = files[start:start + b]
             x0 = read_images(paths, model.image_channels, model.image_size).to(device)
-            denoise = denoiser(model, diffusion, s, labels, start, len(paths), device)
-            with autocast(s, device):
-                out = edit_batch(args, edit, diffusion, denoise, x0, keep, s,
-                                 batch_generator(s.seed, start, len(paths), device))
+            denoise = sampling.denoiser(batch_conditions(labels, start, len(paths), device))
+            generator = batch_generator(sample_cfg.seed, start, len(paths), device)
+            with autocast(sample_cfg, device):
+                out = edit_batch(edit, sampling, denoise, x0, generator)
             for j in sorted({start + j for j in range(len(paths))} & todo):
                 write_result(out, j - start, os.path.join(folder, names[j]))
                 done.append(j)
             if grid:
-                rows.append(grid_row(edit, x0, keep, out))
+                rows.append(grid_row(x0, keep, out))
                 x_Ts.append(out["x_T"].float().cpu() if "x_T" in out else None)
-    columns = 2 + (keep is not None) + (edit == "invert")
+    columns = 2 + (keep is not None) + (kind == "invert")
     count = len(done) if folder else len(files)
     if not grid:
         return None, columns, None, count
-    return torch.cat(rows), columns, (torch.cat(x_Ts) if edit == "invert" else None), count
+    return torch.cat(rows), columns, (torch.cat(x_Ts) if kind == "invert" else None), count
 
 
 def missing(folder: str, name: str, edit: str) -> bool:
@@ -197,28 +212,29 @@ def write_result(out: dict, j: int, path: str) -> None:
     save_png(to_uint8(out["result"][j:j + 1])[0], path)
 
 
-def interpolation(args, s, model, diffusion, labels, device):
+def interpolation(args, sampling, labels):
     """The row of --interpolate N: x_T of the two seeds (as plain sampling draws them for one image, from
     batch_generator(seed, 0, 1)) or of the two inverted images, slerped and decoded. Returns (grid images,
     columns, None, new results); --save-dir gets 0000000.png, ... for the N images."""
+    model, diffusion, sample_cfg, device = sampling.model, sampling.diffusion, sampling.sample_cfg, sampling.device
     shape = (1, model.image_channels, model.image_size, model.image_size)
     if args.seed2 is not None:
         inputs = []
         ends = [torch.randn(shape, generator=batch_generator(seed, 0, 1, device), device=device)
-                for seed in (s.seed, args.seed2)]
+                for seed in (sample_cfg.seed, args.seed2)]
     else:
         inputs = list(read_images([args.init, args.init2], model.image_channels, model.image_size).to(device))
-        with autocast(s, device):
-            x_T = edits.ddim_invert(diffusion, denoiser(model, diffusion, s, labels, 0, 2, device),
-                                      torch.stack(inputs), s)
+        with autocast(sample_cfg, device):
+            x_T = edits.ddim_invert(diffusion, sampling.denoiser(batch_conditions(labels, 0, 2, device)),
+                                    torch.stack(inputs), sample_cfg)
         ends, inputs = [x_T[:1], x_T[1:]], [x[None] for x in inputs]
     path = edits.slerp_path(*ends, args.interpolate)
     results = []
-    for start in range(0, len(path), s.batch_size):
-        chunk = path[start:start + s.batch_size]
-        with autocast(s, device):
-            results.append(edits.decode(diffusion, denoiser(model, diffusion, s, labels, 0, len(chunk), device),
-                                          chunk, s))
+    for start in range(0, len(path), sample_cfg.batch_size):
+        chunk = path[start:start + sample_cfg.batch_size]
+        with autocast(sample_cfg, device):
+            denoise = sampling.denoiser(batch_conditions(labels, 0, len(chunk), device))
+            results.append(edits.decode(diffusion, denoise, chunk, sample_cfg))
     results = torch.cat(results)
     new = [i for i in range(len(results)) if args.save_dir and not os.path.isfile(numbered(args.save_dir, i))]
     for i in new:
@@ -231,23 +247,24 @@ def numbered(folder: str, i: int) -> str:
     return os.path.join(folder, f"{i:07d}.png")
 
 
-def run(args, edit: str, cfg, model, diffusion, labels, device) -> None:
-    """The edit `edit` (check_flags') of the loaded checkpoint: the results, the grid, the settings."""
-    s = cfg.sample
-    settings = settings_of(args, edit, cfg, diffusion)
+def run(args, edit: str, loaded, labels) -> None:
+    """The edit `edit` (edit_flags.check_flags') of a LoadedCheckpoint (ddpm/checkpoint.py), with `labels` cycled over
+    the inputs (None: unconditional): the results, the grid, the settings."""
+    cfg = loaded.cfg
+    settings = settings_of(args, edit, cfg, loaded.diffusion)
     out = args.out or (None if args.save_dir else os.path.join("results", cfg.name, f"{edit}.png"))
     if out:
         check_writable(out)
-    check_inputs(args, edit, model)
+    check_inputs(args, edit, loaded.model)
     if args.save_dir:
         claim_folder(args.save_dir, settings)
     print(f"{TITLES[edit]}: {json.dumps(settings)}")
-    model = prepare_model(model, diffusion, cfg, device, s.batch_size, labels)
+    sampling = prepare_model(Sampling.of(loaded), cfg.train.compile, cfg.sample.batch_size, labels)
     started = time.perf_counter()
     if edit == "interpolate":
-        images, columns, x_T, count = interpolation(args, s, model, diffusion, labels, device)
+        images, columns, x_T, count = interpolation(args, sampling, labels)
     else:
-        images, columns, x_T, count = edit_inputs(args, edit, s, model, diffusion, labels, device, out is not None)
+        images, columns, x_T, count = edit_inputs(args, edit, sampling, labels, out is not None)
     if args.save_dir:
         print(f"images: {args.save_dir} ({count} new)")
     if out:

@@ -1,7 +1,6 @@
 """Image files and pictures: reading any image file as a viewer shows it, the float range the model sees,
 the image files of a folder, and writing images, grids and PNGs atomically.
 """
-import contextlib
 import math
 import os
 
@@ -9,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from utils import UserError, atomic_write, writing
+from utils import UserError, atomic_write, replace_via
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -149,12 +148,4 @@ def save_png(image: torch.Tensor, path: str) -> None:
     """Save one uint8 C x H x W image. It is written under a temporary name and renamed, so a killed run
     never leaves a truncated PNG that the next run would count as done. (No fsync, unlike
     utils.atomic_write: that would cost more than the sampling for tens of thousands of small files.)"""
-    tmp = path + ".tmp"
-    with writing(path):
-        try:
-            to_pil(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+    replace_via(path, path + ".tmp", lambda tmp: to_pil(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG"))

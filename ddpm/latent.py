@@ -2,7 +2,7 @@
 the autoencoder's scaled latents of the data, and its samples become images through the decoder.
 
     cfg, latents = latent_training_data(cfg, dataset, device, ckpt)   # train.py: the cached latents, cfg resolved
-    model.codec = codec_of_checkpoint(ckpt, cfg, device)              # sample.py, evaluate.py
+    loaded.model.codec = codec_of_checkpoint(loaded)                  # sample.py, evaluate.py
     images = to_images(model, x)                                      # generation: decoded (latent), then clamped
 
 The model carries its codec (model.codec, None in pixel space) as it carries the shape of what it denoises
@@ -63,13 +63,14 @@ def latent_training_data(cfg, dataset, device, ckpt=None):
     return resolved_latent(cfg, autoencoder, latents.scale_factor), latents
 
 
-def codec_of_checkpoint(ckpt: dict, cfg, device) -> Codec | None:
-    """The Codec of a latent checkpoint (None for a pixel one): its own autoencoder from the weights inside, or
-    the diffusers folder of cfg.latent.autoencoder (which may have moved) if its content is the recorded one."""
-    if "latent" not in ckpt:
+def codec_of_checkpoint(loaded) -> Codec | None:
+    """The Codec of a LoadedCheckpoint (ddpm/checkpoint.py) of a latent model, None for a pixel one: its own
+    autoencoder from the weights inside, or the diffusers folder of cfg.latent.autoencoder (which may have moved) if
+    its content is the recorded one."""
+    if loaded.latent is None:
         return None
-    autoencoder = autoencoder_of_checkpoint(ckpt["latent"], cfg.latent.autoencoder, device)
-    return Codec(autoencoder, cfg.latent.scale_factor)
+    autoencoder = autoencoder_of_checkpoint(loaded.latent, loaded.cfg.latent.autoencoder, loaded.device)
+    return Codec(autoencoder, loaded.cfg.latent.scale_factor)
 
 
 def to_images(model, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 
 from dataset import build_dataset
 from ddpm.conditions import repeat_to
-from ddpm.generation import sample_batches
+from ddpm.generation import Sampling, sample_batches
 from ddpm.image_cache import folder_signature
 from ddpm.images import to_uint8
 from ddpm.progress import progress
@@ -54,10 +54,10 @@ def feature_stats(features: np.ndarray, chunk: int = 4096):
     return mu, sigma / (n - 1)
 
 
-def psd_sqrt(s: np.ndarray) -> np.ndarray:
+def psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     """The symmetric square root of a symmetric PSD matrix, by eigen-decomposition (tiny negative
     eigenvalues from rounding are set to 0)."""
-    w, v = np.linalg.eigh((s + s.T) / 2)
+    w, v = np.linalg.eigh((matrix + matrix.T) / 2)
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
@@ -293,22 +293,23 @@ def reference_stats(data, extractor, cache_dir: str, batch_size: int = 500) -> d
 
 # ---- FID during training, and the records of metrics.json ------------------------------------------------
 
-def fid_of(model, diffusion, cfg, n, device, extractor, cache_dir=REF_CACHE) -> float:
-    """FID of n samples (made in memory with cfg.sample's settings) against the cached statistics of
-    cfg.data: the hook for train.fid_every.
+def fid_of(sampling: Sampling, data_cfg, n: int, extractor, cache_dir=REF_CACHE) -> float:
+    """FID of n samples (made in memory with sampling's settings) against the cached statistics of the data set
+    `data_cfg` (the config's data section): the hook for train.fid_every.
 
     The seed is fixed, so successive calls during training see the same noise, which makes the curve
     smoother. `extractor` is a feature extractor as described at the top (the Inception: load_inception).
     The model is put in eval mode for sampling and given back in the mode it was in."""
     if n < 2:
         raise UserError(f"FID needs at least 2 samples, got n={n}")
-    ref = reference_stats(cfg.data, extractor, cache_dir, batch_size=cfg.sample.batch_size)
+    ref = reference_stats(data_cfg, extractor, cache_dir, batch_size=sampling.sample_cfg.batch_size)
+    model = sampling.model
     num_classes = model.num_classes
     labels = repeat_to(list(range(num_classes)), n) if num_classes else None  # conditional: every class equally
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        batches = sample_batches(model, diffusion, n, cfg.sample, device, labels=labels)
+        batches = sample_batches(sampling, n, labels=labels)
         features, _ = extract_features(extractor, (to_uint8(x) for _, x in batches), n, desc="FID samples")
     finally:
         for m, training in modes:

@@ -1,6 +1,6 @@
 """Folders of sampled PNGs (0000000.png, ...), filled resumably and split over torchrun's processes.
 
-    sample_to_folder(model, diffusion, "results/x/fid50k", 50_000, cfg.sample, device)
+    sample_to_folder(Sampling(model, diffusion, cfg.sample, device), "results/x/fid50k", 50_000)
 
 A folder that was interrupted and filled again ends with exactly the files of one uninterrupted run (with the
 same batch size): image i depends only on (seed, i, batch size). Under torchrun the batches of a folder are
@@ -13,7 +13,7 @@ import re
 
 from ddpm.conditions import repeat_to
 from ddpm.distributed import wait_for_all
-from ddpm.generation import sample_batches
+from ddpm.generation import Sampling, sample_batches
 from ddpm.images import save_png, to_uint8
 from ddpm.progress import progress
 from utils import FolderLock, on_interrupt
@@ -25,16 +25,16 @@ def existing_images(folder: str) -> set[int]:
     return {int(name[:-4]) for name in os.listdir(folder) if FILE_NAME.fullmatch(name)}
 
 
-def sample_to_folder(model, diffusion, folder, n, s, device, class_labels=None, rank=0, world=1) -> int:
+def sample_to_folder(sampling: Sampling, folder: str, n: int, labels=None, rank: int = 0, world: int = 1) -> int:
     """Make `folder` hold images 0000000.png .. (n-1).png, generating only the ones not there yet.
 
     Images that exist are never overwritten. Image i comes from the batch that starts at the multiple of
-    s.batch_size below i, with its own generator (see batch_generator), so a resumed run writes the same
-    files as an uninterrupted one. class_labels: None (the null label on a conditional model), or labels
-    cycled over the n images (a 1-D tensor of length n, or a list). Under torchrun (`world` processes) each
-    rank makes every world-th of the missing batches, rank 0 shows the progress of the whole folder, and
-    all ranks wait for each other at the end. A second run on the folder is refused while this one lasts
-    (FolderLock). Returns the number of images in the folder afterwards."""
+    sampling.sample_cfg.batch_size below i, with its own generator (see batch_generator), so a resumed run writes
+    the same files as an uninterrupted one. labels: None (the null label on a conditional model), or conditions
+    cycled over the n images (class labels as a list or tensor, encoded prompts as a tensor). Under torchrun
+    (`world` processes) each rank makes every world-th of the missing batches, rank 0 shows the progress of the
+    whole folder, and all ranks wait for each other at the end. A second run on the folder is refused while this
+    one lasts (FolderLock). Returns the number of images in the folder afterwards."""
     os.makedirs(folder, exist_ok=True)
 
     def note():
@@ -45,8 +45,9 @@ def sample_to_folder(model, diffusion, folder, n, s, device, class_labels=None, 
         done = existing_images(folder)
         wait_for_all(world)  # every rank has listed the folder before any writes to it: they split the same batches
         missing = [i for i in range(n) if i not in done]
-        starts = sorted({i - i % s.batch_size for i in missing})[rank::world]
-        batches = sample_batches(model, diffusion, n, s, device, starts, repeat_to(class_labels, n))
+        batch_size = sampling.sample_cfg.batch_size
+        starts = sorted({i - i % batch_size for i in missing})[rank::world]
+        batches = sample_batches(sampling, n, starts, repeat_to(labels, n))
         write_missing(folder, n, batches, done, len(missing), rank)
     wait_for_all(world)
     return len(existing_images(folder))

@@ -16,6 +16,8 @@ notation: alpha_t = sqrt(alpha-bar_t), sigma_t = sqrt(1 - alpha-bar_t), lambda_t
 import numpy as np
 import torch
 
+from diffusion import timestep_batch
+
 SPACINGS = ("linspace", "trailing", "logsnr")
 
 
@@ -60,13 +62,13 @@ def _strictly_decreasing(ts, T: int) -> list[int]:
     return out
 
 
-def sampler_timesteps(diffusion, s) -> list[int]:
-    """The timestep indices the sampler `s` visits, from T-1 down: every one for DDPM; for DDIM and
-    DPM-Solver++ the `s.steps` of spacing `s.spacing`."""
+def sampler_timesteps(diffusion, sample_cfg) -> list[int]:
+    """The timestep indices the sampler `sample_cfg` visits, from T-1 down: every one for DDPM; for DDIM and
+    DPM-Solver++ the `sample_cfg.steps` of spacing `sample_cfg.spacing`."""
     T = diffusion.num_timesteps
-    if s.sampler == "ddpm":
+    if sample_cfg.sampler == "ddpm":
         return list(range(T - 1, -1, -1))
-    return spaced_timesteps(diffusion.alphas_cumprod64, s.steps, s.spacing)
+    return spaced_timesteps(diffusion.alphas_cumprod64, sample_cfg.steps, sample_cfg.spacing)
 
 
 # ---- DPM-Solver++ --------------------------------------------------------------------------------------------
@@ -129,21 +131,17 @@ def dpmpp_coefficients(alphas_cumprod64, timesteps: list[int], order: int) -> li
 
 # ---- the loop ------------------------------------------------------------------------------------------------
 
-def _full(x, t: int) -> torch.Tensor:
-    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-
-
-def markov_stepper(diffusion, denoise, timesteps, s, generator):
+def markov_stepper(diffusion, denoise, timesteps, sample_cfg, generator):
     """step(x, i) -> (x at the next timestep, x_0 predicted at timesteps[i]) for DDPM and DDIM; each step draws
     its noise z from `generator` (the next index of the last step is -1, the data)."""
     following = timesteps[1:] + [-1]
 
     def step(x, i):
-        t = _full(x, timesteps[i])
+        t = timestep_batch(x, timesteps[i])
         z = torch.randn(x.shape, generator=generator, device=x.device)
-        if s.sampler == "ddpm":
+        if sample_cfg.sampler == "ddpm":
             return diffusion.p_sample(denoise, x, t, z)
-        return diffusion.ddim_step(denoise, x, t, _full(x, following[i]), z, s.eta)
+        return diffusion.ddim_step(denoise, x, t, timestep_batch(x, following[i]), z, sample_cfg.eta)
     return step
 
 
@@ -154,7 +152,7 @@ def dpmpp_stepper(diffusion, denoise, timesteps, order: int):
     history = []  # x_0 predicted at timesteps[i], timesteps[i-1], ...
 
     def step(x, i):
-        _, x0 = denoise(x, _full(x, timesteps[i]))
+        _, x0 = denoise(x, timestep_batch(x, timesteps[i]))
         history.insert(0, x0)
         del history[order:]
         a, b = coefs[i]
@@ -163,22 +161,22 @@ def dpmpp_stepper(diffusion, denoise, timesteps, order: int):
 
 
 @torch.inference_mode()
-def sample_loop(diffusion, denoise, x, s, generator=None, record=(), start=None):
-    """Run sampler `s` from x (= x_T) down to x_0. Returns x_0, or (x_0, trajectory) when `record` names
+def sample_loop(diffusion, denoise, x, sample_cfg, generator=None, record=(), start=None):
+    """Run the sampler `sample_cfg` from x (= x_T) down to x_0. Returns x_0, or (x_0, trajectory) when `record` names
     timestep indices: trajectory = {'t': [...], 'x_t': [...], 'x0': [...]} (float32, on the CPU).
 
     start: begin part-way, at that timestep index, one of the sampler's own timesteps (x is then x_start):
     the sampler runs over its timesteps at or below it, as if they were all it had (DPM-Solver++ warms up
     from there as it does from T). None: from the top, T-1."""
-    timesteps = sampler_timesteps(diffusion, s)
+    timesteps = sampler_timesteps(diffusion, sample_cfg)
     if start is not None:
         if start not in timesteps:
             raise ValueError(f"start={start} is not one of the sampler's timesteps")
         timesteps = timesteps[timesteps.index(start):]
-    if s.sampler == "dpmpp":
-        step = dpmpp_stepper(diffusion, denoise, timesteps, s.order)
+    if sample_cfg.sampler == "dpmpp":
+        step = dpmpp_stepper(diffusion, denoise, timesteps, sample_cfg.order)
     else:
-        step = markov_stepper(diffusion, denoise, timesteps, s, generator)
+        step = markov_stepper(diffusion, denoise, timesteps, sample_cfg, generator)
     trajectory = {"t": [], "x_t": [], "x0": []}
     record = set(record)
     for i, t in enumerate(timesteps):

@@ -19,18 +19,18 @@ def make_shapes(n: int, size: int, channels: int, seed: int):
     images = np.empty((n, channels, size, size), dtype=np.uint8)
     step = max(1, 2 ** 22 // size ** 2)  # images per chunk: a few million pixels keep the arrays small
     for i in range(0, n, step):
-        s = slice(i, i + step)
-        dx = np.abs(p[None, None, :] - cx[s, None, None])  # |x| suffices: all shapes are mirror-symmetric
-        dy = p[None, :, None] - cy[s, None, None]  # y grows downwards
-        rr = r[s, None, None]
+        chunk = slice(i, i + step)
+        dx = np.abs(p[None, None, :] - cx[chunk, None, None])  # |x| suffices: all shapes are mirror-symmetric
+        dy = p[None, :, None] - cy[chunk, None, None]  # y grows downwards
+        rr = r[chunk, None, None]
         distance = np.stack([
             np.hypot(dx, dy) - rr,  # circle of radius r
             np.maximum(dx, np.abs(dy)) - 0.85 * rr,  # axis-aligned square of side 1.7 r
             np.maximum(dy - rr, (2 * dx - dy - rr) / np.sqrt(5)),  # apex (0, -r), base corners (+-r, r)
         ])
-        d = np.take_along_axis(distance, kind[None, s, None, None], axis=0)[0]
+        d = np.take_along_axis(distance, kind[None, chunk, None, None], axis=0)[0]
         cover = np.clip(0.5 - d, 0, 1)[:, None]
-        images[s] = np.round(255 * (bg[s, :, None, None] + cover * (fg - bg)[s, :, None, None]))
+        images[chunk] = np.round(255 * (bg[chunk, :, None, None] + cover * (fg - bg)[chunk, :, None, None]))
     return torch.from_numpy(images), torch.from_numpy(kind)
 
 
@@ -51,7 +51,7 @@ def shape_draws(n: int, size: int, channels: int, seed: int) -> dict:
     return {"kind": kind, "r": r, "cx": cx, "cy": cy, "hue": hue, "fg": fg, "bg": bg}
 
 
-def _hsv_to_rgb(h, s, v):
+def _hsv_to_rgb(h, saturation, v):
     """Vectorised HSV to RGB (all in [0, 1]): n values each -> n x 3."""
     k = (np.array([5, 3, 1]) + 6 * h[:, None]) % 6
-    return v[:, None] - (v * s)[:, None] * np.clip(np.minimum(k, 4 - k), 0, 1)
+    return v[:, None] - (v * saturation)[:, None] * np.clip(np.minimum(k, 4 - k), 0, 1)

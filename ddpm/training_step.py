@@ -1,6 +1,6 @@
 """One training step of a DDPM and the state it carries (Trainer), used by train.py.
 
-One step, in order: a batch from the data stream (dataset.Batches), the loss of the network on it
+One step, in order: a batch from the data stream (ddpm/batches.Batches), the loss of the network on it
 (GaussianDiffusion.loss), backward, the clipped optimiser step, the EMA of the weights.
 
 A text-conditional model (model.text_encoder) trains on captions: each distinct caption of the data is encoded
@@ -23,7 +23,7 @@ from dataset import preload_wanted
 from ddpm.batches import Batches, stream_seed
 from ddpm.checkpoint import load_weights, rng_state, set_rng_state
 from ddpm.text_encoders import prompt_encoder
-from diffusion import GaussianDiffusion
+from diffusion import GaussianDiffusion, per_image
 from model import UNet
 from utils import autocast_dtype, first_call_or_fallback
 
@@ -43,11 +43,12 @@ def ema_decay(step: int, decay: float) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
-def step_randomness(gen, cfg, step, shape, rank, world, device, conditional):
-    """Timesteps, noise and the label-drop mask of step `step` (None for an unconditional model), drawn over the
-    global batch; this rank's slice."""
+def step_randomness(gen, cfg, step: int, rank: int, world: int, conditional: bool):
+    """Timesteps, noise (images of cfg.data's shape) and the label-drop mask of step `step` (None for an
+    unconditional model), drawn from `gen` (on the device) over the global batch; this rank's slice."""
     gen.manual_seed(stream_seed("step", cfg.train.seed, step))
-    b = cfg.train.batch_size
+    b, device = cfg.train.batch_size, gen.device
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     timesteps = torch.randint(0, cfg.diffusion.timesteps, (b,), generator=gen, device=device)
     noise = torch.randn((b, *shape), generator=gen, device=device)
     drop = torch.rand(b, generator=gen, device=device) < cfg.train.cond_drop_prob if conditional else None
@@ -60,9 +61,11 @@ def step_randomness(gen, cfg, step, shape, rank, world, device, conditional):
 class Trainer:
     """The model, its EMA, the optimiser and the data stream of a run, and one optimisation step.
 
+    process: this process of the run (ddpm/distributed.Process: its rank, the number of processes, its device);
     text_state: a text model's caption encoder from its checkpoint (None: a new vocabulary of the data's captions)."""
 
-    def __init__(self, cfg, device, rank, world, dataset, log=print, text_state=None):
+    def __init__(self, cfg, process, dataset, log=print, text_state=None):
+        device, rank, world = process.device, process.rank, process.world
         self.cfg, self.device, self.rank, self.world, self.log = cfg, device, rank, world, log
         tc = cfg.train
         if tc.deterministic:
@@ -71,8 +74,7 @@ class Trainer:
         self.text_state, self.captions = text_state, None
         if cfg.model.text_encoder:  # the condition of each distinct caption, on the device: a step indexes it
             encoder = prompt_encoder(cfg.model, text_state, dataset.captions, device)
-            say = print if rank == 0 else (lambda *a, **k: None)
-            self.text_state, self.captions = encoder.state(), encoder.encode(dataset.captions, say).to(device)
+            self.text_state, self.captions = encoder.state(), encoder.encode(dataset.captions, process.say).to(device)
         torch.manual_seed(tc.seed)
         self.model = UNet.from_config(cfg, self.text_state).to(device)
         if device.type == "cuda":
@@ -91,7 +93,7 @@ class Trainer:
         opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
         self.opt = opt_cls(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                            fused=device.type == "cuda")
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, tc))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(step, tc))
         self.amp_dtype = autocast_dtype(tc.precision, device)
         # Always a scaler: its on-device found_inf check skips a non-finite step without a host sync.
         # Only fp16 needs real loss scaling; otherwise the scale is pinned to 1 after each update.
@@ -145,8 +147,7 @@ class Trainer:
         x, y = next(self.batches)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        timesteps, noise, drop = step_randomness(self.gen, cfg, self.step, x.shape[1:], self.rank, self.world,
-                                                 self.device, self.conditional)
+        timesteps, noise, drop = step_randomness(self.gen, cfg, self.step, self.rank, self.world, self.conditional)
         # dropout masks from (seed, rank, step): exact on resume on every rank, and different across ranks
         torch.manual_seed(stream_seed("dropout", cfg.train.seed, self.rank, self.step))
         y = self.condition(y, drop)
@@ -178,7 +179,7 @@ class Trainer:
         cond = y if self.captions is None else self.captions[y]
         if drop is None:
             return cond
-        return torch.where(drop.view(-1, *[1] * (cond.ndim - 1)), self.model.null_condition(cond), cond)
+        return torch.where(per_image(drop, cond.ndim), self.model.null_condition(cond), cond)
 
     def _optimiser_step(self):
         """Clip the global gradient norm, step (skipped on the device when non-finite), advance the LR."""
@@ -217,6 +218,3 @@ class Trainer:
             self.ddp = None
             self.eager = self.net = self.model
             gc.collect()
-
-
-# ---- the run: when to log, draw, score, save and stop --------------------------------------------------------

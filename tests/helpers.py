@@ -14,6 +14,7 @@ from config import DiffusionConfig, ModelConfig, load_config, to_dict
 from dataset import build_dataset
 from ddpm.autoencoder import KIND, Autoencoder
 from ddpm.checkpoint import save_checkpoint
+from ddpm.distributed import Process
 from ddpm.text_encoders import prompt_encoder
 from ddpm.training_step import Trainer
 from diffusion import GaussianDiffusion
@@ -138,7 +139,7 @@ def trained_tiny_checkpoint(path, *overrides, steps=120, num_images=2) -> str:
 def tiny_trainer(*overrides, device="cpu", log=print) -> Trainer:
     """The Trainer of train.py's tiny run (configs/quickstart.yaml, TINY, then overrides) on one process."""
     cfg = load_config(CONFIG, [*TINY, *overrides])
-    return Trainer(cfg, torch.device(device), 0, 1, build_dataset(cfg.data), log)
+    return Trainer(cfg, Process(0, 1, torch.device(device)), build_dataset(cfg.data), log)
 
 
 def tiny_clip(folder) -> str:

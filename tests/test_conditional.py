@@ -54,7 +54,7 @@ def samples_of(ckpt_path, label, guidance, n=64):
     cfg, model, diffusion = model_from_checkpoint(load_checkpoint(str(ckpt_path)), torch.device("cpu"))
     y = None if label is None else torch.full((n,), label, dtype=torch.long)
     s = SampleConfig(sampler="ddim", steps=20, guidance_scale=guidance)
-    return generation.generate(model, diffusion, n, s, torch.Generator().manual_seed(1), "cpu", y)
+    return generation.generate(generation.Sampling(model, diffusion, s, "cpu"), n, torch.Generator().manual_seed(1), y)
 
 
 def test_num_classes_auto_comes_from_the_sub_folders(conditional_run):

@@ -68,7 +68,7 @@ def random_model(*overrides):
 def ddim(model, diffusion, precision):
     gen = torch.Generator(CUDA).manual_seed(0)
     s = SampleConfig(sampler="ddim", steps=5, precision=precision)
-    return generation.generate(model, diffusion, 8, s, gen, CUDA)
+    return generation.generate(generation.Sampling(model, diffusion, s, CUDA), 8, gen)
 
 
 def relative_error(a, b):
@@ -79,7 +79,8 @@ def test_sampling_bf16_and_compiled_agree_with_fp32_eager():
     cfg, model, diffusion = random_model("train.compile=auto")
     reference = ddim(model, diffusion, "fp32")
     assert relative_error(ddim(model, diffusion, "bf16"), reference) < 5e-2
-    compiled = generation.prepare_model(model, diffusion, cfg, CUDA, 8, None)
+    compiled = generation.prepare_model(generation.Sampling(model, diffusion, cfg.sample, CUDA), cfg.train.compile, 8,
+                                         None).model
     assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
     assert relative_error(ddim(compiled, diffusion, "fp32"), reference) < 1e-2
 

@@ -165,7 +165,7 @@ def test_strength_1_is_plain_sampling_and_no_step_is_the_input(sampler):
     model = tiny_unet(seed=3)
     s = SampleConfig(sampler=sampler, steps=5)
     x0 = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4)) * 2 - 1
-    plain = generation.generate(model, d, 2, s, generation.batch_generator(7, 0, 2, "cpu"), "cpu")
+    plain = generation.generate(generation.Sampling(model, d, s, "cpu"), 2, generation.batch_generator(7, 0, 2, "cpu"))
     edited = edits.img2img(d, d.denoiser(model), x0, s, 1.0, generation.batch_generator(7, 0, 2, "cpu"))
     assert torch.equal(edited, plain)
     assert torch.equal(edits.img2img(d, d.denoiser(model), x0, s, 0.02, torch.Generator()), x0)  # round(0.1) = 0
@@ -208,7 +208,8 @@ def test_repaint_feeds_the_network_the_known_part_from_q_and_jumps_back_up():
     keep = torch.zeros_like(x0, dtype=torch.bool)
     keep[..., :16] = True
     record = Recorder(diffusion)
-    edits.repaint(diffusion, record, x0, keep, s, torch.Generator().manual_seed(0), jump=2, resample=3)
+    edits.repaint(diffusion, record, x0, edits.Inpainting(keep, jump=2, resample=3), s,
+                  torch.Generator().manual_seed(0))
     timesteps, a = spaced_timesteps(diffusion.alphas_cumprod64, 10, "linspace"), diffusion.alphas_cumprod64
     schedule = edits.repaint_schedule(10, 2, 3)
     m = keep.sum().item()

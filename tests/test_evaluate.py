@@ -24,6 +24,7 @@ import evaluate
 from config import load_config
 from ddpm import metrics
 from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
+from ddpm.generation import Sampling
 from ddpm.shapes import make_shapes
 from utils import UserError
 
@@ -295,10 +296,11 @@ def test_fid_of_for_training(tmp_path):
     model.train()
     model.res = torch.nn.Dropout().eval()  # a submodule in another mode than its parent keeps its own mode
     extractor = TinyExtractor()
-    fid = metrics.fid_of(model, diffusion, cfg, 8, "cpu", extractor, cache_dir=str(tmp_path / "refs"))
+    fid = metrics.fid_of(Sampling(model, diffusion, cfg.sample, "cpu"), cfg.data, 8, extractor,
+                         cache_dir=str(tmp_path / "refs"))
     assert np.isfinite(fid) and fid > 0 and model.training and not model.res.training  # the modes it was in
     assert extractor.seen == 8 + 64
-    assert metrics.fid_of(model, diffusion, cfg, 8, "cpu", extractor,
+    assert metrics.fid_of(Sampling(model, diffusion, cfg.sample, "cpu"), cfg.data, 8, extractor,
                           cache_dir=str(tmp_path / "refs")) == pytest.approx(fid)  # same seed, cached reference
     assert extractor.seen == 8 + 64 + 8
 
@@ -326,9 +328,9 @@ def test_fid_of_with_dpm_solver(tmp_path):
     """train.fid_every uses cfg.sample: DPM-Solver++ works there too, and gives other samples than DDIM."""
     cfg, model, diffusion = model_from_checkpoint(load_checkpoint(tiny_checkpoint(tmp_path / "last.pt")), "cpu")
     extractor, refs = TinyExtractor(), str(tmp_path / "refs")
-    ddim = metrics.fid_of(model, diffusion, cfg, 8, "cpu", extractor, cache_dir=refs)
+    ddim = metrics.fid_of(Sampling(model, diffusion, cfg.sample, "cpu"), cfg.data, 8, extractor, cache_dir=refs)
     cfg.sample = dataclasses.replace(cfg.sample, sampler="dpmpp", order=2)
-    dpm = metrics.fid_of(model, diffusion, cfg, 8, "cpu", extractor, cache_dir=refs)
+    dpm = metrics.fid_of(Sampling(model, diffusion, cfg.sample, "cpu"), cfg.data, 8, extractor, cache_dir=refs)
     assert np.isfinite(dpm) and dpm != ddim
 
 

@@ -86,7 +86,7 @@ def test_generate(ckpt):
     _, model, diffusion = model_from_checkpoint(load_checkpoint(ckpt), "cpu")
     gen = torch.Generator().manual_seed(0)
     s = SampleConfig(sampler="ddim", steps=4)
-    x, trajectory = generation.generate(model, diffusion, 2, s, gen, "cpu", record=(T - 1, 5, 0))
+    x, trajectory = generation.generate(generation.Sampling(model, diffusion, s, "cpu"), 2, gen, record=(T - 1, 5, 0))
     assert x.shape == (2, 3, SIZE, SIZE) and x.dtype == torch.float32 and x.abs().max() <= 1
     # 4 DDIM steps of T = 20 visit 19, 14, 10, 5, then step to the data (index 0 is never evaluated)
     assert trajectory["t"] == [T - 1, 5] and trajectory["x0"][0].shape == x.shape
@@ -149,9 +149,9 @@ def test_resumed_folder_equals_one_made_in_one_go(ckpt, tmp_path, monkeypatch):
 def test_sample_to_folder_returns_the_count(cond_ckpt, tmp_path):
     _, model, diffusion = model_from_checkpoint(load_checkpoint(cond_ckpt), "cpu")
     s = SampleConfig(batch_size=2, sampler="ddim", steps=2, guidance_scale=2.0)
-    assert png_folders.sample_to_folder(model, diffusion, str(tmp_path), 3, s, "cpu", class_labels=[2, 0]) == 3
-    assert png_folders.sample_to_folder(model, diffusion, str(tmp_path), 2, s, "cpu",
-                                     class_labels=torch.tensor([1, 1])) == 3
+    sampling = generation.Sampling(model, diffusion, s, "cpu")
+    assert png_folders.sample_to_folder(sampling, str(tmp_path), 3, labels=[2, 0]) == 3
+    assert png_folders.sample_to_folder(sampling, str(tmp_path), 2, labels=torch.tensor([1, 1])) == 3
 
 
 # ---- pictures of the process ---------------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def test_each_rank_makes_every_world_th_missing_batch(ckpt, tmp_path):
         folder = tmp_path / "s"
         folder.mkdir()
         (folder / "0000001.png").write_bytes(b"")  # batch 0 is missing image 0 only, batch 1 (images 2, 3) all
-        png_folders.sample_to_folder(model, diffusion, str(folder), 9, s, "cpu", rank=1, world=2)
+        png_folders.sample_to_folder(generation.Sampling(model, diffusion, s, "cpu"), str(folder), 9, rank=1, world=2)
     finally:
         dist.destroy_process_group()
     # missing batches start at 0, 2, 4, 6, 8: rank 1 makes those at 2 and 6

@@ -10,7 +10,7 @@ from diffusion_refs import GaussianEps, ref_linear_betas, ref_schedule
 from helpers import make_diffusion, tiny_unet
 
 from config import SampleConfig
-from ddpm.generation import generate
+from ddpm.generation import Sampling, generate
 from ddpm.samplers import (
     SPACINGS,
     dpmpp_coefficients,
@@ -346,12 +346,12 @@ def test_guidance_and_thresholding_reach_every_sampler(sampler):
 
 
 def test_every_sampler_starts_from_the_same_x_T():
-    """sampling.generate draws x_T first from the generator, whatever the sampler and its steps."""
+    """generation.generate draws x_T first from the generator, whatever the sampler and its steps."""
     d = make_diffusion(timesteps=20)
     model = tiny_unet(seed=10)
     first = []
     for s in (SampleConfig(sampler="ddpm"), SampleConfig(sampler="ddim", steps=3),
               SampleConfig(sampler="dpmpp", steps=4, order=3, spacing="logsnr")):
-        _, trajectory = generate(model, d, 2, s, torch.Generator().manual_seed(11), "cpu", record=[19])
+        _, trajectory = generate(Sampling(model, d, s, "cpu"), 2, torch.Generator().manual_seed(11), record=[19])
         first.append(trajectory["x_t"][0])
     assert all(torch.equal(first[0], x) for x in first[1:])

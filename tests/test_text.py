@@ -362,7 +362,7 @@ def colour_hit_rate(path, guidance, n=384):
     prompts = [f"a {c} {KINDS[(i // 6) % 3]}" for i, c in enumerate(colours)]
     cond = prompt_encoder(cfg.model, ckpt["text"]).encode(prompts)
     s = SampleConfig(sampler="ddim", steps=10, guidance_scale=guidance, batch_size=n)
-    x = generation.generate(model, diffusion, n, s, torch.Generator().manual_seed(1), "cpu", cond)
+    x = generation.generate(generation.Sampling(model, diffusion, s, "cpu"), n, torch.Generator().manual_seed(1), cond)
     return float(np.mean([in_range(measured_hue(im), c) for im, c in zip(x, colours)]))
 
 

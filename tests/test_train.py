@@ -313,7 +313,7 @@ def test_dropout_masks_depend_on_rank_and_step_only(monkeypatch):
     seeds, real_seed, real_randomness = [], torch.manual_seed, training_step.step_randomness
     monkeypatch.setattr(torch, "manual_seed", lambda s: seeds.append(s) or real_seed(s))
     # the whole batch whatever the rank, so that only the dropout seed sees the rank
-    monkeypatch.setattr(training_step, "step_randomness", lambda *a: real_randomness(*a[:4], 0, 1, *a[6:]))
+    monkeypatch.setattr(training_step, "step_randomness", lambda *a: real_randomness(*a[:3], 0, 1, *a[5:]))
     trainer = tiny_trainer("model.dropout=0.1")
     seeds.clear()
     for rank, step in ((0, 0), (0, 1), (1, 0), (0, 0)):
@@ -418,11 +418,11 @@ def test_label_dropout_rate_matches_cond_drop_prob():
     n, p = 20_000, 0.3
     cfg = load_config(CONFIG, [*TINY, f"train.batch_size={n}", f"train.cond_drop_prob={p}"])
     gen = torch.Generator()
-    _, _, drop = training_step.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), True)
+    _, _, drop = training_step.step_randomness(gen, cfg, 7, 0, 1, True)
     assert abs(drop.double().mean().item() - p) <= 5 * math.sqrt(p * (1 - p) / n)
-    halves = [training_step.step_randomness(gen, cfg, 7, (1, 2, 2), r, 2, torch.device("cpu"), True) for r in (0, 1)]
+    halves = [training_step.step_randomness(gen, cfg, 7, r, 2, True) for r in (0, 1)]
     for i in range(3):
         assert torch.equal(torch.cat([halves[0][i], halves[1][i]]),
-                           training_step.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), True)[i])
-    _, _, none = training_step.step_randomness(gen, cfg, 7, (1, 2, 2), 0, 1, torch.device("cpu"), False)
+                           training_step.step_randomness(gen, cfg, 7, 0, 1, True)[i])
+    _, _, none = training_step.step_randomness(gen, cfg, 7, 0, 1, False)
     assert none is None

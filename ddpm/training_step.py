@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from config import to_dict
+from config import network_shape, to_dict
 from dataset import preload_wanted
 from ddpm.batches import Batches, stream_seed
 from ddpm.checkpoint import load_weights, rng_state, set_rng_state
@@ -44,11 +44,12 @@ def ema_decay(step: int, decay: float) -> float:
 
 
 def step_randomness(gen, cfg, step: int, rank: int, world: int, conditional: bool):
-    """Timesteps, noise (images of cfg.data's shape) and the label-drop mask of step `step` (None for an
+    """Timesteps, noise (of the U-Net's input shape) and the label-drop mask of step `step` (None for an
     unconditional model), drawn from `gen` (on the device) over the global batch; this rank's slice."""
     gen.manual_seed(stream_seed("step", cfg.train.seed, step))
     b, device = cfg.train.batch_size, gen.device
-    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    channels, size = network_shape(cfg)  # the images', or a latent model's latents'
+    shape = (channels, size, size)
     timesteps = torch.randint(0, cfg.diffusion.timesteps, (b,), generator=gen, device=device)
     noise = torch.randn((b, *shape), generator=gen, device=device)
     drop = torch.rand(b, generator=gen, device=device) < cfg.train.cond_drop_prob if conditional else None

@@ -16,6 +16,7 @@ from helpers import (
 )
 from PIL import Image
 
+import convert
 import evaluate
 import sample
 import train
@@ -148,6 +149,8 @@ def test_bad_latent_input_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeyp
     Image.new("RGB", (16, 16)).save("x.png")
     err = fails_in_process(capsys, sample.main, "--ckpt", "checkpoints/r/last.pt", "--init", "x.png")
     assert "editing a latent model" in err
+    err = fails_in_process(capsys, convert.main, "to-diffusers", "checkpoints/r/last.pt", "--out", "d")
+    assert "is a latent model" in err and not os.path.exists("d")
     assert open("checkpoints/r/last.pt", "rb").read() == before
 
 

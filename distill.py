@@ -125,7 +125,8 @@ def run(args, process):
             for folder in (paths.ckpt_dir, paths.out_dir):
                 check_writable(folder, folder=True)
         enable_tf32(process.device)
-        trainer = DistillTrainer(cfg, process, load_data(cfg, process), teacher, os.path.abspath(args.teacher))
+        cfg, dataset = load_data(cfg, process, teacher, args.teacher)  # a latent teacher's latents (its autoencoder)
+        trainer = DistillTrainer(cfg, process, dataset, teacher, os.path.abspath(args.teacher))
         del teacher
         if resume is not None:
             trainer.load_state_dict(resume)

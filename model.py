@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import network_shape
 from ddpm.text_encoders import LearnedTextEncoder, text_dims
 
 
@@ -173,6 +174,7 @@ class UNet(nn.Module):
         if cfg.num_classes == "auto":
             raise ValueError("resolve model.num_classes='auto' from the data set before building the model")
         self.image_channels, self.image_size, self.num_classes = image_channels, image_size, cfg.num_classes
+        self.codec = None  # a latent model's ddpm/codecs.Codec (ddpm/latent.py), which makes its samples images
         self.time_embedding = cfg.time_embedding
         ch, emb_dim = cfg.base_channels, embedding_width(cfg)
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -242,9 +244,10 @@ class UNet(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, text_state=None):
-        """The network of a whole Config: its model section at the data's channels and image size; a text model
-        also needs its caption encoder's state (ddpm/text_encoders.py: the vocabulary, or CLIP's width)."""
-        return cls(cfg.model, cfg.data.channels, cfg.data.image_size, **text_dims(cfg.model, text_state))
+        """The network of a whole Config: its model section at the data's channels and image size (a latent model's
+        at its latents', config.network_shape); a text model also needs its caption encoder's state
+        (ddpm/text_encoders.py: the vocabulary, or CLIP's width)."""
+        return cls(cfg.model, *network_shape(cfg), **text_dims(cfg.model, text_state))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -154,8 +154,9 @@ def to_plain(section) -> dict:
 class LoadedCheckpoint:
     """A checkpoint read for use: its config (with the overrides of this use), the network (in eval mode, on
     `device`), its diffusion, the training step it was saved at, a text model's caption encoder state (None
-    otherwise), the file it came from, and a distilled student's record of what it was distilled for (None
-    otherwise; ddpm/distillation.py)."""
+    otherwise), the file it came from, a latent model's record of its autoencoder (ddpm/codecs.py; None for a
+    pixel-space model), and a distilled student's record of what it was distilled for (ddpm/distillation.py; None
+    otherwise)."""
     cfg: object
     model: torch.nn.Module
     diffusion: GaussianDiffusion
@@ -163,6 +164,7 @@ class LoadedCheckpoint:
     text_state: dict | None
     path: str
     device: torch.device
+    latent: dict | None = None
     distilled: dict | None = None
 
 
@@ -171,7 +173,7 @@ def load_for_use(path: str, device, use_ema: bool = True, overrides=()) -> Loade
     ckpt = load_checkpoint(path)
     cfg, model, diffusion = model_from_checkpoint(ckpt, device, use_ema, overrides)
     return LoadedCheckpoint(cfg, model, diffusion, ckpt["step"], ckpt.get("text"), path, torch.device(device),
-                            ckpt.get("distilled"))
+                            ckpt.get("latent"), ckpt.get("distilled"))
 
 
 def model_from_checkpoint(ckpt: dict, device, use_ema: bool = True, overrides=()):

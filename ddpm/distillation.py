@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from config import check_distill, config_from_dict, to_dict
+from config import check_distill, config_from_dict, network_shape
 from ddpm.batches import stream_seed
 from ddpm.checkpoint import load_weights
 from ddpm.samplers import spaced_timesteps
@@ -154,7 +154,8 @@ class DistillTrainer(Trainer):
         self.updates, self.rounds = cfg.distill.updates, check_distill(cfg)  # schedule_factor needs them now
         self.teacher_path = teacher_path
         super().__init__(cfg, process, dataset, text_state=teacher.get("text"))
-        self.teacher = copy.deepcopy(self.model).requires_grad_(False).eval()
+        # a latent model's codec (its autoencoder) is shared with the teacher, not copied
+        self.teacher = copy.deepcopy(self.model, {id(self.codec): self.codec}).requires_grad_(False).eval()
         self.teacher_net = torch.compile(self.teacher) if self.compiled else self.teacher
         for module in (self.model, self.ema, self.teacher):
             load_weights(module, teacher["ema"], "the teacher's weights")
@@ -195,13 +196,14 @@ class DistillTrainer(Trainer):
         return super().train_step()
 
     def randomness(self):
-        """This rank's slice of the student positions i, the noise (images of cfg.data's shape) and the label-drop
+        """This rank's slice of the student positions i, the noise (of the U-Net's input shape) and the label-drop
         mask of step k of round r, drawn over the global batch from a generator seeded by (seed, r, k)."""
         r, k = divmod(self.step, self.updates)
         cfg = self.cfg
         self.gen.manual_seed(stream_seed("distill", cfg.train.seed, r, k))
         b, gen, device = cfg.train.batch_size, self.gen, self.device
-        shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+        channels, size = network_shape(cfg)  # the images', or a latent model's latents'
+        shape = (channels, size, size)
         positions = torch.randint(0, len(self.tables[r].t), (b,), generator=gen, device=device)
         noise = torch.randn((b, *shape), generator=gen, device=device)
         drop = torch.rand(b, generator=gen, device=device) < cfg.train.cond_drop_prob if self.conditional else None
@@ -239,8 +241,10 @@ class DistillTrainer(Trainer):
         self.cfg = student_config(self.cfg, self.cfg.name, self.rounds, self.model_round())
 
 
+RUN_STATE = ("optimizer", "scheduler", "scaler", "rng", "data", "distill_state")  # what only resuming needs
+
+
 def round_checkpoint(trainer: DistillTrainer) -> dict:
-    """The student at the end of a round as an ordinary checkpoint (weights, config, no optimiser)."""
-    return {"step": trainer.step, "config": to_dict(trainer.cfg), "model": trainer.model.state_dict(),
-            "ema": trainer.ema.state_dict(), "distilled": trainer.record(),
-            **({"text": trainer.text_state} if trainer.text_state is not None else {})}
+    """The student at the end of a round as an ordinary checkpoint: the trainer's state (weights, config, the text
+    encoder or autoencoder record, what it was distilled for) without what only resuming the run needs."""
+    return {k: v for k, v in trainer.state_dict().items() if k not in RUN_STATE}

@@ -19,6 +19,7 @@ from ddpm.conditions import grid_captions
 from ddpm.distributed import wait_for_all
 from ddpm.generation import Sampling, generate, sampler_record
 from ddpm.images import make_grid, save_image, to_uint8
+from ddpm.latent import check_checkpoint_space, latent_training_data
 from ddpm.metrics import append_record, fid_of
 from ddpm.run_log import RunLog
 from ddpm.training_step import Trainer
@@ -164,22 +165,26 @@ def is_run_name(name: str) -> bool:
     return bool(name) and not set(name) & {"/", "\\", "\0"} and name.strip(".") != ""
 
 
-def load_data(cfg, process):
-    """The data set; rank 0 downloads or decodes and caches it first, alone, then the others read it."""
+def load_data(cfg, process, ckpt=None, path=None):
+    """(cfg, the data set); rank 0 downloads or decodes and caches it first, alone, then the others read it. A latent
+    config's data set is the latents of the images (ddpm/latent.py), and its cfg is resolved against the autoencoder."""
+    check_checkpoint_space(ckpt, cfg, path)
     if process.rank != 0:
         wait_for_all(process.world)
     dataset = build_dataset(cfg.data, captions=cfg.model.text_encoder is not None)
+    if cfg.latent.autoencoder is not None:
+        cfg, dataset = latent_training_data(cfg, dataset, process.device, ckpt)
     if process.rank == 0:
         wait_for_all(process.world)
     if dataset.captions is not None:
         process.say(caption_summary(dataset))  # on every rank: a set without captions stops them all
-    return dataset
+    return cfg, dataset
 
 
 def start_trainer(cfg, paths: RunPaths, ckpt, process):
     """(config with its run-time values resolved, Trainer at the checkpoint's state, the checkpoint's log)."""
     enable_tf32(process.device)
-    dataset = load_data(cfg, process)
+    cfg, dataset = load_data(cfg, process, ckpt, paths.resume)
     auto = cfg.model.num_classes == "auto"
     cfg = resolved(cfg, name=paths.name, num_classes=num_classes(dataset) if auto else cfg.model.num_classes)
     if ckpt is not None:

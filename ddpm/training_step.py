@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from config import to_dict
+from config import network_shape, to_dict
 from dataset import preload_wanted
 from ddpm.batches import Batches, stream_seed
 from ddpm.checkpoint import load_weights, rng_state, set_rng_state
@@ -44,11 +44,12 @@ def ema_decay(step: int, decay: float) -> float:
 
 
 def step_randomness(gen, cfg, step: int, rank: int, world: int, conditional: bool):
-    """Timesteps, noise (images of cfg.data's shape) and the label-drop mask of step `step` (None for an
+    """Timesteps, noise (of the U-Net's input shape) and the label-drop mask of step `step` (None for an
     unconditional model), drawn from `gen` (on the device) over the global batch; this rank's slice."""
     gen.manual_seed(stream_seed("step", cfg.train.seed, step))
     b, device = cfg.train.batch_size, gen.device
-    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    channels, size = network_shape(cfg)  # the images', or a latent model's latents'
+    shape = (channels, size, size)
     timesteps = torch.randint(0, cfg.diffusion.timesteps, (b,), generator=gen, device=device)
     noise = torch.randn((b, *shape), generator=gen, device=device)
     drop = torch.rand(b, generator=gen, device=device) < cfg.train.cond_drop_prob if conditional else None
@@ -80,6 +81,9 @@ class Trainer:
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        # latent diffusion (ddpm/latent_cache.py): the data are latents, and the codec makes the grids' images
+        self.codec = getattr(dataset, "codec", None)
+        self.model.codec = self.ema.codec = self.codec
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
         self.diffusion = GaussianDiffusion(cfg.diffusion).to(device)
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world > 1 else None
@@ -97,7 +101,9 @@ class Trainer:
         self.fp16 = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if self.fp16 else 1.0)
         self.gen = torch.Generator(device)
-        self.batches = Batches(dataset, tc.batch_size, seed=tc.seed, device=device, hflip=cfg.data.hflip,
+        # latents are not flipped: their cache holds the mirrored images' latents instead
+        self.batches = Batches(dataset, tc.batch_size, seed=tc.seed, device=device,
+                               hflip=cfg.data.hflip and self.codec is None,
                                preload=preload_wanted(cfg.data, dataset), num_workers=tc.num_workers,
                                rank=rank, world_size=world)
         self.conditional = cfg.model.num_classes is not None or self.captions is not None
@@ -106,11 +112,13 @@ class Trainer:
         self.bad_total = torch.zeros((), device=device, dtype=torch.long)
 
     def state_dict(self) -> dict:
-        text = {"text": self.text_state} if self.text_state is not None else {}
+        extra = {"text": self.text_state} if self.text_state is not None else {}
+        if self.codec is not None:  # which autoencoder (ddpm/codecs.py): refused if another one resumes
+            extra["latent"] = self.codec.autoencoder.record()
         return {"step": self.step, "config": to_dict(self.cfg), "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": rng_state(self.device), "data": self.batches.state_dict(), **text}
+                "rng": rng_state(self.device), "data": self.batches.state_dict(), **extra}
 
     def load_state_dict(self, ckpt: dict) -> None:
         load_weights(self.model, ckpt["model"], "the checkpoint's model weights")

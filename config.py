@@ -120,6 +120,50 @@ class SampleConfig:
 
 
 @dataclass
+class AutoencoderConfig:
+    """Our own KL-regularised autoencoder (ddpm/autoencoder.py), trained by train_autoencoder.py; its run settings
+    (seed, log_every, save_every, sample_every, keep_last, num_workers, grad_clip) are those of `train`."""
+    factor: Literal[4, 8] = 4       # downsampling: latents of image_size / factor
+    latent_channels: int = 4
+    ch: int = 64                    # channels at full resolution, doubled at each halving up to 4 ch
+    num_res_blocks: int = 1
+    recon_loss: Literal["l1", "l2"] = "l1"
+    kl_weight: float = 1e-6         # the LDM paper's weight of KL(q(z|x) || N(0, I)) against the reconstruction
+    perceptual_weight: float = 0.0  # LPIPS (the lpips package and its VGG weights: requirements-latent.txt); 0 = off
+    disc_weight: float = 0.0        # patch discriminator with the hinge loss; 0 = off
+    disc_start: int = 5000          # steps of reconstruction alone before the adversarial loss starts
+    lr: float = 2e-4
+    batch_size: int = 32
+    steps: int = 20000
+
+
+@dataclass
+class LatentConfig:
+    """Latent diffusion (ddpm/codecs.py, ddpm/latent_cache.py): the U-Net denoises an autoencoder's scaled latents."""
+    autoencoder: str | None = None  # null: pixel space; a train_autoencoder.py checkpoint or a diffusers AutoencoderKL
+    scale_factor: float | None = None  # null: 1 / std of the data's latents, computed once and recorded
+    channels: int | None = None     # the autoencoder's latent channels, filled in (another value is an error)
+    factor: int | None = None       # its downsampling factor, filled in likewise
+    encode_batch_size: int = 32     # images per autoencoder call while building the latent cache
+
+
+@dataclass
+class DistillConfig:
+    """Progressive distillation (Salimans & Ho 2022; distill.py): the student learns in one DDIM step two DDIM steps
+    of its teacher, then teaches the next round with half the steps, from start_steps down to steps. train.lr,
+    train.batch_size, train.max_steps, train.warmup_steps and train.ema_decay come from here (the rest of the train
+    section, e.g. log_every, save_every, precision, seed, is the training run's)."""
+    start_steps: int = 512          # DDIM steps of the first teacher (the paper starts at 1024 to 8192 steps)
+    steps: int = 4                  # K: the student's steps at the end; start_steps / 2^rounds
+    updates: int = 50_000           # optimiser steps per halving (the paper's CIFAR-10 setting)
+    lr: float = 1e-4                # Adam, decayed linearly to 0 within each round
+    batch_size: int = 128
+    ema_decay: float = 0.0          # 0: no EMA (the student of a round is its raw weights)
+    objective: Literal["v", "x0"] = "v"  # what the student predicts (an eps student breaks at few steps)
+    weighting: Literal["truncated_snr", "snr_plus_one"] = "truncated_snr"  # max(SNR, 1) or SNR + 1, on the x_0 error
+
+
+@dataclass
 class Config:
     name: str = "cifar10"
     data: DataConfig = field(default_factory=DataConfig)
@@ -127,6 +171,9 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.type)}
@@ -241,6 +288,12 @@ RANGES = {
     "diffusion.vlb_weight": AT_LEAST_0, "train.nll_every": AT_LEAST_0, "train.nll_images": Range(2),
     "sample.steps": AT_LEAST_1, "sample.eta": Range(0, 1), "sample.order": Range(1, 3), "sample.n": AT_LEAST_1,
     "sample.batch_size": AT_LEAST_1, "sample.seed": SEED, "sample.guidance_scale": Range(None),
+    "autoencoder.latent_channels": AT_LEAST_1, "autoencoder.ch": AT_LEAST_1, "autoencoder.num_res_blocks": AT_LEAST_1,
+    "autoencoder.kl_weight": AT_LEAST_0, "autoencoder.perceptual_weight": AT_LEAST_0,
+    "autoencoder.disc_weight": AT_LEAST_0, "autoencoder.disc_start": AT_LEAST_0, "autoencoder.lr": POSITIVE,
+    "autoencoder.batch_size": AT_LEAST_1, "autoencoder.steps": AT_LEAST_0, "latent.encode_batch_size": AT_LEAST_1,
+    "distill.start_steps": Range(2), "distill.steps": AT_LEAST_1, "distill.updates": AT_LEAST_1,
+    "distill.lr": POSITIVE, "distill.batch_size": AT_LEAST_1, "distill.ema_decay": FRACTION,
 }
 
 
@@ -251,21 +304,33 @@ def _check_ranges(cfg: Config) -> None:
         _check(value in allowed, f"{key} must be in {allowed}, got {value}")
 
 
+def network_shape(cfg: Config) -> tuple[int, int]:
+    """(channels, size) of what the U-Net denoises: the images, or in latent space the autoencoder's latents
+    (size image_size / factor; before the autoencoder is read, factor 1)."""
+    lat = cfg.latent
+    if lat.autoencoder is None:
+        return cfg.data.channels, cfg.data.image_size
+    return lat.channels or 0, cfg.data.image_size // (lat.factor or 1)
+
+
 def validate(cfg: Config) -> Config:
     """The range of every numeric field (RANGES), then the rules between fields; each failure is one line that
     names the key and what it must be."""
     _check_ranges(cfg)
+    _validate_latent(cfg)
     data, model, diffusion, train = cfg.data, cfg.model, cfg.diffusion, cfg.train
+    size = network_shape(cfg)[1]  # the U-Net's input size: the image's, or the latent's
     _check(len(model.channel_mults) >= 1 and min(model.channel_mults) >= 1,
            f"model.channel_mults must be a non-empty list of positive integers, got {list(model.channel_mults)}")
     _check(all(r >= 1 for r in model.attention_resolutions),
            f"model.attention_resolutions must be feature-map sizes in pixels, got {list(model.attention_resolutions)}")
-    _check(data.image_size % 2 ** (len(model.channel_mults) - 1) == 0,
-           f"data.image_size={data.image_size} must be divisible by 2^(len(model.channel_mults)-1)="
+    latent = f" / latent.factor={cfg.latent.factor}" if size != data.image_size else ""
+    _check(size % 2 ** (len(model.channel_mults) - 1) == 0,
+           f"data.image_size={data.image_size}{latent} must be divisible by 2^(len(model.channel_mults)-1)="
            f"{2 ** (len(model.channel_mults) - 1)}; change one of them")
     widths = [model.base_channels * model.channel_mults[-1]] + [  # the middle block, and each level with attention
         model.base_channels * mult for i, mult in enumerate(model.channel_mults)
-        if data.image_size // 2 ** i in model.attention_resolutions]
+        if size // 2 ** i in model.attention_resolutions]
     _check(all(w % model.num_heads == 0 for w in widths),
            f"model.num_heads={model.num_heads} must divide the channels at every attention layer "
            f"({sorted(set(widths))})")
@@ -282,6 +347,21 @@ def validate(cfg: Config) -> Config:
     _validate_text(model)
     _validate_sample(cfg.sample, diffusion.timesteps, model.num_classes is not None or model.text_encoder is not None)
     return cfg
+
+
+def _validate_latent(cfg: Config) -> None:
+    lat = cfg.latent
+    _check(lat.scale_factor is None or lat.scale_factor > 0,
+           f"latent.scale_factor must be null (computed from the data) or positive, got {lat.scale_factor}")
+    _check(lat.channels is None or lat.channels >= 1, f"latent.channels must be null or at least 1, got {lat.channels}")
+    _check(lat.factor is None or (lat.factor >= 1 and cfg.data.image_size % lat.factor == 0),
+           f"latent.factor={lat.factor} must divide data.image_size={cfg.data.image_size}")
+    _check(lat.autoencoder is None or not cfg.sample.dynamic_threshold,
+           "sample.dynamic_threshold clips x_0 to the images' [-1, 1], which latents are not in; turn it off for a "
+           "latent model (latent.autoencoder)")
+    _check(lat.autoencoder is None or cfg.train.nll_every == 0,
+           "train.nll_every scores the bound in bits/dim of 8-bit images, which a latent model (latent.autoencoder) "
+           "does not model; set train.nll_every=0")
 
 
 def _validate_text(m: ModelConfig) -> None:
@@ -308,6 +388,21 @@ def _validate_sample(sample_cfg: SampleConfig, timesteps: int, conditional: bool
            f"sample.guidance_scale={sample_cfg.guidance_scale} (--guidance-scale) needs a class-conditional or "
            "text-conditional "
            "model; this one has model.num_classes and model.text_encoder null (trained without labels or captions)")
+
+
+def check_distill(cfg: Config) -> int:
+    """The rules between distill's fields and the teacher's config (distill.py only: a training config need not
+    allow a distillation); returns the number of rounds (halvings) from distill.start_steps to distill.steps."""
+    d, timesteps = cfg.distill, cfg.diffusion.timesteps
+    _check(d.start_steps <= timesteps, f"distill.start_steps={d.start_steps} must be at most the teacher's "
+           f"diffusion.timesteps={timesteps}")
+    halvings = [d.start_steps >> r for r in range(1, d.start_steps.bit_length()) if d.start_steps % (1 << r) == 0]
+    _check(d.steps in halvings, f"distill.steps={d.steps} (--steps) is not reached by halving distill.start_steps="
+           f"{d.start_steps}: it must be one of {', '.join(map(str, halvings))}" if halvings else
+           f"distill.start_steps={d.start_steps} is odd: it cannot be halved; give a power-of-two multiple of --steps")
+    _check(d.batch_size % cfg.train.grad_accum == 0, f"distill.batch_size={d.batch_size} must be divisible by "
+           f"train.grad_accum={cfg.train.grad_accum}")
+    return (d.start_steps // d.steps).bit_length() - 1
 
 
 def check_batch_split(train: TrainConfig, world: int = 1) -> None:

@@ -43,6 +43,7 @@ from ddpm.conditions import Conditions, prompt_conditions, prompts_tag
 from ddpm.distributed import close_distributed, setup_distributed, wait_for_all
 from ddpm.generation import Sampling, prepare_model, sampler_record
 from ddpm.images import list_images
+from ddpm.latent import codec_of_checkpoint
 from ddpm.metrics import (
     REF_CACHE,
     append_record,
@@ -143,6 +144,7 @@ class Reference:
 def load_for_sampling(args, device) -> SampleJob:
     """--ckpt with the command line's sampling flags, the conditions of its n images and their folder."""
     loaded = load_for_use(args.ckpt, device, overrides=args.overrides + sampler_overrides(args))
+    loaded.model.codec = codec_of_checkpoint(loaded)  # a latent model's samples decoded (ddpm/latent.py)
     cfg = loaded.cfg
     prompts = read_prompts(args, cfg.model, cfg.sample.guidance_scale)
     conditions = class_labels(args.class_label, cfg.model.num_classes, 50_000 if args.n is None else args.n)
@@ -264,6 +266,9 @@ def evaluate_nll(args, process) -> dict:
         raise UserError("evaluate.py --nll runs in one process; start it without torchrun")
     loaded = load_for_use(args.ckpt, process.device, overrides=args.overrides)
     cfg, diffusion = loaded.cfg, loaded.diffusion
+    if cfg.latent.autoencoder is not None:
+        raise UserError("--nll is the bound in bits/dim of 8-bit images; a latent model (latent.autoencoder) models "
+                        "its autoencoder's latents, not the images")
     out = args.out or os.path.join("results", cfg.name, "metrics.json")
     check_writable(out)
     read_records(out)

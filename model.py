@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import network_shape
 from ddpm.text_encoders import LearnedTextEncoder, text_dims
 
 
@@ -174,6 +175,7 @@ class UNet(nn.Module):
         if cfg.num_classes == "auto":
             raise ValueError("resolve model.num_classes='auto' from the data set before building the model")
         self.image_channels, self.image_size, self.num_classes = image_channels, image_size, cfg.num_classes
+        self.codec = None  # a latent model's ddpm/codecs.Codec (ddpm/latent.py), which makes its samples images
         self.time_embedding = cfg.time_embedding
         ch, emb_dim = cfg.base_channels, embedding_width(cfg)
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -243,12 +245,13 @@ class UNet(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, text_state=None):
-        """The network of a whole Config: its model section at the data's channels and image size, with twice the
-        output channels for learned variances (diffusion.variance=learned_range: the mean's, then v's); a text model
-        also needs its caption encoder's state (ddpm/text_encoders.py: the vocabulary, or CLIP's width)."""
-        out = 2 * cfg.data.channels if cfg.diffusion.variance == "learned_range" else cfg.data.channels
-        return cls(cfg.model, cfg.data.channels, cfg.data.image_size, **text_dims(cfg.model, text_state),
-                   out_channels=out)
+        """The network of a whole Config: its model section at the data's channels and image size (a latent model's
+        at its latents', config.network_shape), with twice the output channels for learned variances
+        (diffusion.variance=learned_range: the mean's, then v's); a text model also needs its caption encoder's state
+        (ddpm/text_encoders.py: the vocabulary, or CLIP's width)."""
+        channels, size = network_shape(cfg)
+        out = 2 * channels if cfg.diffusion.variance == "learned_range" else channels
+        return cls(cfg.model, channels, size, **text_dims(cfg.model, text_state), out_channels=out)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,4 +1,4 @@
-"""One training step of a DDPM and the state it carries (Trainer), used by train.py.
+"""One training step of a DDPM and the state it carries (Trainer), used by train.py; ddpm/distillation.py subclasses it.
 
 One step, in order: a batch from the data stream (ddpm/batches.Batches), the loss of the network on it
 (GaussianDiffusion.loss), backward, the clipped optimiser step, the EMA of the weights.
@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from config import to_dict
+from config import network_shape, to_dict
 from dataset import preload_wanted
 from ddpm.batches import Batches, stream_seed
 from ddpm.checkpoint import load_weights, rng_state, set_rng_state
@@ -45,12 +45,13 @@ def ema_decay(step: int, decay: float) -> float:
 
 
 def step_randomness(gen, cfg, step: int, process, conditional: bool, sampler=None):
-    """Timesteps (drawn by `sampler`, ddpm/loss_weights.py; default uniform), noise (images of cfg.data's shape)
-    and the label-drop mask of step `step` (None for an unconditional model), drawn from `gen` (on the device) over
-    the global batch; the slice of `process` (ddpm/distributed.Process: its rank of its world)."""
+    """Timesteps (drawn by `sampler`, ddpm/loss_weights.py; default uniform), noise (of the U-Net's input shape) and
+    the label-drop mask of step `step` (None for an unconditional model), drawn from `gen` (on the device) over the
+    global batch; the slice of `process` (ddpm/distributed.Process: its rank of its world)."""
     gen.manual_seed(stream_seed("step", cfg.train.seed, step))
     b, device = cfg.train.batch_size, gen.device
-    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    channels, size = network_shape(cfg)  # the images', or a latent model's latents'
+    shape = (channels, size, size)
     timesteps = (sampler or UniformSampler(cfg.diffusion.timesteps)).sample(b, gen, device)
     noise = torch.randn((b, *shape), generator=gen, device=device)
     drop = torch.rand(b, generator=gen, device=device) < cfg.train.cond_drop_prob if conditional else None
@@ -82,6 +83,9 @@ class Trainer:
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        # latent diffusion (ddpm/latent_cache.py): the data are latents, and the codec makes the grids' images
+        self.codec = getattr(dataset, "codec", None)
+        self.model.codec = self.ema.codec = self.codec
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
         self._diffusion_and_loss_weights(device)
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world > 1 else None
@@ -92,18 +96,20 @@ class Trainer:
         opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
         self.opt = opt_cls(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                            fused=device.type == "cuda")
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(step, tc))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.schedule_factor)
         self.amp_dtype = autocast_dtype(tc.precision, device)
         # Always a scaler: its on-device found_inf check skips a non-finite step without a host sync.
         # Only fp16 needs real loss scaling; otherwise the scale is pinned to 1 after each update.
         self.fp16 = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if self.fp16 else 1.0)
         self.gen = torch.Generator(device)
-        self.batches = Batches(dataset, tc.batch_size, seed=tc.seed, device=device, hflip=cfg.data.hflip,
+        # latents are not flipped: their cache holds the mirrored images' latents instead
+        self.batches = Batches(dataset, tc.batch_size, seed=tc.seed, device=device,
+                               hflip=cfg.data.hflip and self.codec is None,
                                preload=preload_wanted(cfg.data, dataset), num_workers=tc.num_workers,
                                rank=rank, world_size=world)
         self.conditional = cfg.model.num_classes is not None or self.captions is not None
-        self.step = 0
+        self.step, self.step_losses = 0, []  # step_losses: see loss
         self.bad_streak = torch.zeros((), device=device, dtype=torch.long)  # consecutive non-finite losses
         self.bad_total = torch.zeros((), device=device, dtype=torch.long)
 
@@ -118,12 +124,14 @@ class Trainer:
             dtype=torch.float32, device=device)
 
     def state_dict(self) -> dict:
-        text = {"text": self.text_state} if self.text_state is not None else {}
+        extra = {"text": self.text_state} if self.text_state is not None else {}
+        if self.codec is not None:  # which autoencoder (ddpm/codecs.py): refused if another one resumes
+            extra["latent"] = self.codec.autoencoder.record()
         return {"step": self.step, "config": to_dict(self.cfg), "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": rng_state(self.device), "data": self.batches.state_dict(),
-                "timestep_sampler": self.timestep_sampler.state_dict(), **text}
+                "timestep_sampler": self.timestep_sampler.state_dict(), **extra}
 
     def load_state_dict(self, ckpt: dict) -> None:
         load_weights(self.model, ckpt["model"], "the checkpoint's model weights")
@@ -145,7 +153,7 @@ class Trainer:
         tc = self.cfg.train
         for group in self.opt.param_groups:
             group.update(initial_lr=tc.lr, weight_decay=tc.weight_decay, fused=self.device.type == "cuda",
-                         lr=tc.lr * lr_factor(self.sched.last_epoch, tc))
+                         lr=tc.lr * self.schedule_factor(self.sched.last_epoch))
         self.sched.base_lrs = [tc.lr] * len(self.opt.param_groups)
 
     def train_step(self):
@@ -154,12 +162,11 @@ class Trainer:
         x, y = next(self.batches)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        timesteps, noise, drop = step_randomness(self.gen, cfg, self.step, self.process, self.conditional,
-                                                 self.timestep_sampler)
+        timesteps, noise, drop = self.randomness()
         # dropout masks from (seed, rank, step): exact on resume on every rank, and different across ranks
         torch.manual_seed(stream_seed("dropout", cfg.train.seed, self.rank, self.step))
         y = self.condition(y, drop)
-        total, per_example = torch.zeros((), device=self.device), []
+        total, self.step_losses = torch.zeros((), device=self.device), []
         for i in range(accum):
             part = slice(i * x.shape[0] // accum, (i + 1) * x.shape[0] // accum)
             # all-reduce the gradients once, on the last micro-batch
@@ -167,13 +174,11 @@ class Trainer:
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
-                    loss, losses = self.batch_loss(x[part], None if y is None else y[part], timesteps[part],
-                                                   noise[part])
-                self.scaler.scale(loss / accum).backward()
-            total += loss.detach() / accum
-            per_example.append(losses)
-        if isinstance(self.timestep_sampler, LossAwareSampler):
-            self.timestep_sampler.update(*self._gathered(timesteps, torch.cat(per_example)))
+                    loss = self.loss(x[part], None if y is None else y[part], timesteps[part], noise[part]) / accum
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        if self.step_losses:  # the loss-aware sampler's history (see loss)
+            self.timestep_sampler.update(*self._gathered(timesteps, torch.cat(self.step_losses)))
         grad_norm = self._optimiser_step()
         self._update_ema()
         finite = torch.isfinite(total)
@@ -182,19 +187,30 @@ class Trainer:
         self.step += 1
         return total, grad_norm
 
-    def batch_loss(self, x, cond, t, noise):
-        """(loss, per-example losses or None) of a micro-batch: GaussianDiffusion.loss; with Min-SNR weights or
-        the loss-aware sampler, the mean of its per-example terms, L_simple's weighted by train.snr_gamma's
-        weights and each example's by the sampler's 1 / (T p_t) (the per-example losses before that weight are
-        returned, detached, for the sampler's history)."""
-        plain = self.snr_weights is None and not isinstance(self.timestep_sampler, LossAwareSampler)
-        if plain:
-            return self.diffusion.loss(self.net, x, cond, t, noise), None
-        terms = self.diffusion.loss_terms(self.net, x, cond, t, noise)
+    def schedule_factor(self, step: int) -> float:
+        """The learning rate of optimiser step `step`, as a fraction of train.lr (lr_factor)."""
+        return lr_factor(step, self.cfg.train)
+
+    def randomness(self):
+        """This step's (timesteps, noise, label-drop mask) for this rank (step_randomness), the timesteps drawn by
+        the run's timestep sampler."""
+        return step_randomness(self.gen, self.cfg, self.step, self.process, self.conditional, self.timestep_sampler)
+
+    def loss(self, x, y, t, noise):
+        """The loss of a micro-batch: GaussianDiffusion.loss; with Min-SNR weights or the loss-aware sampler, the
+        mean of its per-example terms, L_simple's weighted by train.snr_gamma's weights and each example's by the
+        sampler's 1 / (T p_t); the loss-aware sampler's per-example losses (before that weight, detached) are kept
+        in step_losses for its history."""
+        loss_aware = isinstance(self.timestep_sampler, LossAwareSampler)
+        if self.snr_weights is None and not loss_aware:
+            return self.diffusion.loss(self.net, x, y, t, noise)
+        terms = self.diffusion.loss_terms(self.net, x, y, t, noise)
         if self.snr_weights is not None:
             terms.mse = terms.mse * self.snr_weights[t]
         losses = self.diffusion.hybrid(terms)
-        return (losses * self.timestep_sampler.weights(t)).mean(), losses.detach()
+        if loss_aware:
+            self.step_losses.append(losses.detach())
+        return (losses * self.timestep_sampler.weights(t)).mean()
 
     def _gathered(self, t, losses):
         """The timesteps and per-example losses of the whole global batch, from every process, in rank order."""

@@ -305,6 +305,12 @@ OUT_OF_RANGE = {
     "train.fid_every": -1, "train.fid_samples": 1, "sample.steps": 0, "sample.eta": 1.5, "sample.order": 4,
     "sample.n": 0, "sample.batch_size": 0, "sample.seed": -1, "diffusion.vlb_weight": -0.001,
     "train.nll_every": -1, "train.nll_images": 1,
+    "autoencoder.latent_channels": 0, "autoencoder.ch": 0, "autoencoder.num_res_blocks": 0,
+    "autoencoder.kl_weight": -1, "autoencoder.perceptual_weight": -1, "autoencoder.disc_weight": -1,
+    "autoencoder.disc_start": -1, "autoencoder.lr": 0, "autoencoder.batch_size": 0, "autoencoder.steps": -1,
+    "latent.encode_batch_size": 0,
+    "distill.start_steps": 1, "distill.steps": 0, "distill.updates": 0, "distill.lr": 0, "distill.batch_size": 0,
+    "distill.ema_decay": 1.0,
 }
 
 

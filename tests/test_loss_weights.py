@@ -51,7 +51,7 @@ def test_training_loss_is_the_min_snr_weighted_mean(objective):
     trainer = tiny_trainer(f"diffusion.objective={objective}", "train.snr_gamma=5")
     torch.nn.init.normal_(trainer.model.conv_out.weight, std=0.05)
     x, t, noise = batch(trainer)
-    loss, _ = trainer.batch_loss(x, None, t, noise)
+    loss = trainer.loss(x, None, t, noise)
     # independently: x_t, the target and the squared error per example, in float64
     betas = ref_linear_betas(50, 1e-4, 0.02)
     abar = torch.tensor(ref_schedule(betas)["alphas_cumprod"])[t].reshape(-1, 1, 1, 1)
@@ -70,8 +70,8 @@ def test_no_snr_gamma_leaves_the_loss_unchanged():
     trainer = tiny_trainer()
     torch.nn.init.normal_(trainer.model.conv_out.weight, std=0.05)
     x, t, noise = batch(trainer)
-    loss, per_example = trainer.batch_loss(x, None, t, noise)
-    assert per_example is None
+    loss = trainer.loss(x, None, t, noise)
+    assert trainer.step_losses == []  # no per-example losses are kept for the uniform sampler
     x_t = trainer.diffusion.q_sample(x, t, noise)
     assert torch.equal(loss, F.mse_loss(trainer.model(x_t, t), noise))  # DDPM eq. 14, as it was computed before
     abar = torch.tensor(ref_schedule(ref_linear_betas(50, 1e-4, 0.02))["alphas_cumprod"])[t].reshape(-1, 1, 1, 1)
@@ -86,7 +86,8 @@ def test_no_snr_gamma_leaves_the_loss_unchanged():
                                                             "train.timestep_sampler"),
     (["diffusion.variance=learned"], "diffusion.variance"),
     (["sample.sampler=ddpm", "sample.ddpm_steps=1"], "sample.ddpm_steps"),
-    (["sample.sampler=ddpm", "sample.ddpm_steps=60"], "sample.ddpm_steps")])
+    (["sample.sampler=ddpm", "sample.ddpm_steps=60"], "sample.ddpm_steps"),
+    (["latent.autoencoder=ae.pt", "train.nll_every=5"], "train.nll_every")])
 def test_bad_values_are_one_line_errors(overrides, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(CONFIG, [*TINY, *overrides])

@@ -15,9 +15,10 @@ import contextlib
 import os
 import time
 
-from config import check_batch_split, check_distill, config_from_dict, to_dict
+from config import config_from_dict, to_dict
 from ddpm.checkpoint import check_same_architecture, load_checkpoint, save_checkpoint
 from ddpm.cli import ArgumentParser, StopSignal, cli
+from ddpm.config_rules import check_batch_split, check_distill
 from ddpm.distillation import DistillTrainer, round_checkpoint, round_grid, student_config
 from ddpm.distributed import close_distributed, setup_distributed
 from ddpm.training_run import RunPaths, TrainingRun, is_run_name, load_data, open_runlog

@@ -14,9 +14,10 @@ writes a checkpoint (ddpm/training_run.py's TrainingRun.loop); here the command 
 import contextlib
 import os
 
-from config import check_batch_split, config_from_dict, load_config
+from config import config_from_dict, load_config
 from ddpm.checkpoint import load_checkpoint
 from ddpm.cli import ArgumentParser, StopSignal, cli
+from ddpm.config_rules import check_batch_split
 from ddpm.distributed import close_distributed, setup_distributed
 from ddpm.metrics import load_inception
 from ddpm.training_run import RunPaths, TrainingRun, is_run_name, open_runlog, start_trainer

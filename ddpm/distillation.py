@@ -16,9 +16,10 @@ import dataclasses
 import numpy as np
 import torch
 
-from config import check_distill, config_from_dict, network_shape
+from config import config_from_dict, network_shape
 from ddpm.batches import stream_seed
 from ddpm.checkpoint import load_weights
+from ddpm.config_rules import check_distill
 from ddpm.samplers import spaced_timesteps
 from ddpm.training_step import Trainer
 from diffusion import GaussianDiffusion, per_image

@@ -11,11 +11,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from config import dump, resolved, schedule_warning
+from config import dump, resolved
 from dataset import build_dataset, num_classes
 from ddpm.captions import caption_summary
 from ddpm.checkpoint import check_same_architecture, save_run_checkpoint
 from ddpm.conditions import grid_captions
+from ddpm.config_rules import schedule_warning
 from ddpm.distributed import wait_for_all
 from ddpm.generation import Sampling, generate, sampler_record
 from ddpm.images import make_grid, save_image, to_uint8

@@ -13,15 +13,13 @@ from config import (
     DEFAULT_CONFIG,
     SECTIONS,
     Config,
-    ConfigError,
-    check_batch_split,
     config_from_dict,
     dump,
     load_config,
     parse_override,
-    schedule_warning,
     to_dict,
 )
+from ddpm.config_rules import ConfigError, check_batch_split, schedule_warning
 from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from diffusion_refs import ref_cosine_betas, ref_linear_betas, ref_schedule
 from helpers import CONFIG, TINY, tiny_trainer
 
-from config import ConfigError, load_config
+from config import load_config
+from ddpm.config_rules import ConfigError
 from ddpm.loss_weights import LossAwareSampler, min_snr_weights
 
 

@@ -92,16 +92,7 @@ class Trainer:
         self.eager = self.ddp or self.model  # what backward runs through; `net` may be its compiled version
         self.compiled = device.type == "cuda" if tc.compile == "auto" else tc.compile
         self.net = torch.compile(self.eager) if self.compiled else self.eager
-
-        opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-        self.opt = opt_cls(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
-                           fused=device.type == "cuda")
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.schedule_factor)
-        self.amp_dtype = autocast_dtype(tc.precision, device)
-        # Always a scaler: its on-device found_inf check skips a non-finite step without a host sync.
-        # Only fp16 needs real loss scaling; otherwise the scale is pinned to 1 after each update.
-        self.fp16 = self.amp_dtype == torch.float16
-        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if self.fp16 else 1.0)
+        self._optimiser_and_precision(tc, device)
         self.gen = torch.Generator(device)
         # latents are not flipped: their cache holds the mirrored images' latents instead
         self.batches = Batches(dataset, tc.batch_size, seed=tc.seed, device=device,
@@ -112,6 +103,18 @@ class Trainer:
         self.step, self.step_losses = 0, []  # step_losses: see loss
         self.bad_streak = torch.zeros((), device=device, dtype=torch.long)  # consecutive non-finite losses
         self.bad_total = torch.zeros((), device=device, dtype=torch.long)
+
+    def _optimiser_and_precision(self, tc, device) -> None:
+        """Adam(W) with the LR schedule, the autocast dtype and the gradient scaler."""
+        opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+        self.opt = opt_cls(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                           fused=device.type == "cuda")
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.schedule_factor)
+        self.amp_dtype = autocast_dtype(tc.precision, device)
+        # Always a scaler: its on-device found_inf check skips a non-finite step without a host sync.
+        # Only fp16 needs real loss scaling; otherwise the scale is pinned to 1 after each update.
+        self.fp16 = self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if self.fp16 else 1.0)
 
     def _diffusion_and_loss_weights(self, device) -> None:
         """The diffusion, the timestep sampler (train.timestep_sampler) and the Min-SNR weights of each timestep

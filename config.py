@@ -15,13 +15,19 @@ from typing import Literal
 
 import yaml
 
-from utils import UserError, first_line
+from ddpm.config_rules import (
+    ConfigError,
+    check,
+    check_batch_split,
+    check_ranges,
+    validate_latent,
+    validate_sample,
+    validate_text,
+    validate_widths,
+)
+from utils import first_line
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "cifar10.yaml")
-
-
-class ConfigError(UserError):
-    pass
 
 
 @dataclass
@@ -68,8 +74,10 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     objective: Literal["eps", "x0", "v"] = "eps"
-    variance: Literal["fixed_small", "fixed_large"] = "fixed_large"
+    # learned_range: improved DDPM's learned variances (the network outputs twice the channels), trained on L_hybrid
+    variance: Literal["fixed_small", "fixed_large", "learned_range"] = "fixed_large"
     clip_denoised: bool = True
+    vlb_weight: float = 0.001       # learned_range: L_hybrid = L_simple + vlb_weight * L_vlb (lambda of improved DDPM)
 
 
 @dataclass
@@ -98,12 +106,17 @@ class TrainConfig:
     cond_drop_prob: float = 0.1     # conditional only: fraction of labels (captions) replaced by the null one
     fid_every: int = 0              # 0 = off
     fid_samples: int = 5000
+    snr_gamma: float | None = None  # Min-SNR-gamma loss weights (Hang et al. 2023), e.g. 5; null = off
+    timestep_sampler: Literal["uniform", "loss_aware"] = "uniform"  # loss_aware: improved DDPM's importance sampling
+    nll_every: int = 0              # bits/dim of held-out images every this many steps; 0 = off
+    nll_images: int = 64            # how many held-out images nll_every scores
 
 
 @dataclass
 class SampleConfig:
     sampler: Literal["ddpm", "ddim", "dpmpp"] = "ddim"
-    steps: int = 100                # network calls of DDIM and DPM-Solver++ (DDPM always takes all T)
+    steps: int = 100                # network calls of DDIM and DPM-Solver++
+    ddpm_steps: int | None = None   # DDPM: null = all T; N = N timesteps, respaced (improved DDPM); --steps sets it
     eta: float = 0.0                # DDIM only: 0 deterministic, 1 DDPM-like
     order: int = 2                  # DPM-Solver++: 1 (= DDIM with eta 0), 2 (2M) or 3 (3M)
     spacing: Literal["linspace", "trailing", "logsnr"] = "linspace"  # DDIM and DPM-Solver++ timesteps
@@ -116,6 +129,50 @@ class SampleConfig:
 
 
 @dataclass
+class AutoencoderConfig:
+    """Our own KL-regularised autoencoder (ddpm/autoencoder.py), trained by train_autoencoder.py; its run settings
+    (seed, log_every, save_every, sample_every, keep_last, num_workers, grad_clip) are those of `train`."""
+    factor: Literal[4, 8] = 4       # downsampling: latents of image_size / factor
+    latent_channels: int = 4
+    ch: int = 64                    # channels at full resolution, doubled at each halving up to 4 ch
+    num_res_blocks: int = 1
+    recon_loss: Literal["l1", "l2"] = "l1"
+    kl_weight: float = 1e-6         # the LDM paper's weight of KL(q(z|x) || N(0, I)) against the reconstruction
+    perceptual_weight: float = 0.0  # LPIPS (the lpips package and its VGG weights: requirements-latent.txt); 0 = off
+    disc_weight: float = 0.0        # patch discriminator with the hinge loss; 0 = off
+    disc_start: int = 5000          # steps of reconstruction alone before the adversarial loss starts
+    lr: float = 2e-4
+    batch_size: int = 32
+    steps: int = 20000
+
+
+@dataclass
+class LatentConfig:
+    """Latent diffusion (ddpm/codecs.py, ddpm/latent_cache.py): the U-Net denoises an autoencoder's scaled latents."""
+    autoencoder: str | None = None  # null: pixel space; a train_autoencoder.py checkpoint or a diffusers AutoencoderKL
+    scale_factor: float | None = None  # null: 1 / std of the data's latents, computed once and recorded
+    channels: int | None = None     # the autoencoder's latent channels, filled in (another value is an error)
+    factor: int | None = None       # its downsampling factor, filled in likewise
+    encode_batch_size: int = 32     # images per autoencoder call while building the latent cache
+
+
+@dataclass
+class DistillConfig:
+    """Progressive distillation (Salimans & Ho 2022; distill.py): the student learns in one DDIM step two DDIM steps
+    of its teacher, then teaches the next round with half the steps, from start_steps down to steps. train.lr,
+    train.batch_size, train.max_steps, train.warmup_steps and train.ema_decay come from here (the rest of the train
+    section, e.g. log_every, save_every, precision, seed, is the training run's)."""
+    start_steps: int = 512          # DDIM steps of the first teacher (the paper starts at 1024 to 8192 steps)
+    steps: int = 4                  # K: the student's steps at the end; start_steps / 2^rounds
+    updates: int = 50_000           # optimiser steps per halving (the paper's CIFAR-10 setting)
+    lr: float = 1e-4                # Adam, decayed linearly to 0 within each round
+    batch_size: int = 128
+    ema_decay: float = 0.0          # 0: no EMA (the student of a round is its raw weights)
+    objective: Literal["v", "x0"] = "v"  # what the student predicts (an eps student breaks at few steps)
+    weighting: Literal["truncated_snr", "snr_plus_one"] = "truncated_snr"  # max(SNR, 1) or SNR + 1, on the x_0 error
+
+
+@dataclass
 class Config:
     name: str = "cifar10"
     data: DataConfig = field(default_factory=DataConfig)
@@ -123,6 +180,9 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.type)}
@@ -194,156 +254,56 @@ def _set(cfg: Config, key: str, value) -> None:
         raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}") from None
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-class Range(typing.NamedTuple):
-    """An interval of allowed values; an end of None is unbounded, an open end excludes its value."""
-    low: float | None
-    high: float | None = None
-    open_low: bool = False
-    open_high: bool = False
-
-    def __contains__(self, v) -> bool:
-        above = self.low is None or (v > self.low if self.open_low else v >= self.low)
-        below = self.high is None or (v < self.high if self.open_high else v <= self.high)
-        return above and below
-
-    def __str__(self) -> str:
-        low = "(-inf" if self.low is None else f"{'(' if self.open_low else '['}{self.low}"
-        high = "inf)" if self.high is None else f"{self.high}{')' if self.open_high else ']'}"
-        return f"{low}, {high}"
-
-
-AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, open_low=True)
-FRACTION = Range(0, 1, open_high=True)  # [0, 1)
-SEED = Range(0, 2 ** 63 - 1)
-# the range of every numeric field (floats are finite already); rules between fields are in validate
-RANGES = {
-    "data.image_size": Range(8), "data.num_images": AT_LEAST_1, "data.seed": SEED, "data.preload_max_gib": POSITIVE,
-    "model.base_channels": AT_LEAST_1, "model.num_res_blocks": AT_LEAST_1, "model.num_heads": AT_LEAST_1,
-    "model.dropout": FRACTION, "model.norm_eps": Range(0, 1, open_low=True, open_high=True),
-    "model.text_max_tokens": Range(2), "model.text_width": AT_LEAST_1, "model.text_layers": AT_LEAST_1,
-    "diffusion.timesteps": Range(2), "diffusion.beta_start": Range(0, 1, True, True),
-    "diffusion.beta_end": Range(0, 1, True, True),
-    "train.max_steps": AT_LEAST_0, "train.batch_size": AT_LEAST_1, "train.lr": POSITIVE,
-    "train.weight_decay": AT_LEAST_0, "train.warmup_steps": AT_LEAST_0, "train.grad_clip": AT_LEAST_0,
-    "train.grad_accum": AT_LEAST_1, "train.ema_decay": FRACTION, "train.seed": SEED, "train.log_every": AT_LEAST_1,
-    "train.save_every": AT_LEAST_1, "train.sample_every": AT_LEAST_1, "train.sample_n": AT_LEAST_1,
-    "train.keep_last": AT_LEAST_0, "train.num_workers": AT_LEAST_0, "train.max_nonfinite": AT_LEAST_1,
-    "train.cond_drop_prob": FRACTION, "train.fid_every": AT_LEAST_0, "train.fid_samples": Range(2),
-    "sample.steps": AT_LEAST_1, "sample.eta": Range(0, 1), "sample.order": Range(1, 3), "sample.n": AT_LEAST_1,
-    "sample.batch_size": AT_LEAST_1, "sample.seed": SEED, "sample.guidance_scale": Range(None),
-}
-
-
-def _check_ranges(cfg: Config) -> None:
-    for key, allowed in RANGES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        _check(value in allowed, f"{key} must be in {allowed}, got {value}")
+def network_shape(cfg: Config) -> tuple[int, int]:
+    """(channels, size) of what the U-Net denoises: the images, or in latent space the autoencoder's latents
+    (size image_size / factor; before the autoencoder is read, factor 1)."""
+    lat = cfg.latent
+    if lat.autoencoder is None:
+        return cfg.data.channels, cfg.data.image_size
+    return lat.channels or 0, cfg.data.image_size // (lat.factor or 1)
 
 
 def validate(cfg: Config) -> Config:
     """The range of every numeric field (RANGES), then the rules between fields; each failure is one line that
     names the key and what it must be."""
-    _check_ranges(cfg)
+    check_ranges(cfg)
+    validate_latent(cfg)
     data, model, diffusion, train = cfg.data, cfg.model, cfg.diffusion, cfg.train
-    _check(len(model.channel_mults) >= 1 and min(model.channel_mults) >= 1,
+    size = network_shape(cfg)[1]  # the U-Net's input size: the image's, or the latent's
+    check(len(model.channel_mults) >= 1 and min(model.channel_mults) >= 1,
            f"model.channel_mults must be a non-empty list of positive integers, got {list(model.channel_mults)}")
-    _check(all(r >= 1 for r in model.attention_resolutions),
+    check(all(r >= 1 for r in model.attention_resolutions),
            f"model.attention_resolutions must be feature-map sizes in pixels, got {list(model.attention_resolutions)}")
-    _check(data.image_size % 2 ** (len(model.channel_mults) - 1) == 0,
-           f"data.image_size={data.image_size} must be divisible by 2^(len(model.channel_mults)-1)="
+    latent = f" / latent.factor={cfg.latent.factor}" if size != data.image_size else ""
+    check(size % 2 ** (len(model.channel_mults) - 1) == 0,
+           f"data.image_size={data.image_size}{latent} must be divisible by 2^(len(model.channel_mults)-1)="
            f"{2 ** (len(model.channel_mults) - 1)}; change one of them")
     widths = [model.base_channels * model.channel_mults[-1]] + [  # the middle block, and each level with attention
         model.base_channels * mult for i, mult in enumerate(model.channel_mults)
-        if data.image_size // 2 ** i in model.attention_resolutions]
-    _check(all(w % model.num_heads == 0 for w in widths),
+        if size // 2 ** i in model.attention_resolutions]
+    check(all(w % model.num_heads == 0 for w in widths),
            f"model.num_heads={model.num_heads} must divide the channels at every attention layer "
            f"({sorted(set(widths))})")
-    _check(model.base_channels % 2 == 0 and (model.base_channels >= 4 or model.time_embedding != "ddpm"),
+    check(model.base_channels % 2 == 0 and (model.base_channels >= 4 or model.time_embedding != "ddpm"),
            f"model.base_channels={model.base_channels} is the size of the sin/cos timestep embedding: it must be even "
            "(and at least 4 with model.time_embedding 'ddpm')")
-    _check(model.num_classes is None or model.num_classes == "auto" or model.num_classes >= 1,
+    check(model.num_classes is None or model.num_classes == "auto" or model.num_classes >= 1,
            f"model.num_classes must be null, 'auto' or at least 1, got {model.num_classes}")
-    _check(diffusion.beta_start <= diffusion.beta_end,
+    check(diffusion.beta_start <= diffusion.beta_end,
            f"need diffusion.beta_start <= diffusion.beta_end, got {diffusion.beta_start}, {diffusion.beta_end}")
+    check(train.snr_gamma is None or train.snr_gamma > 0,
+           f"train.snr_gamma must be null (off) or above 0, got {train.snr_gamma}")
     check_batch_split(train)
-    _validate_widths(model)
-    _validate_text(model)
-    _validate_sample(cfg.sample, diffusion.timesteps, model.num_classes is not None or model.text_encoder is not None)
+    validate_widths(model)
+    validate_text(model)
+    validate_sample(cfg.sample, diffusion.timesteps, model.num_classes is not None or model.text_encoder is not None)
     return cfg
-
-
-def nominal_widths(m: ModelConfig) -> list[int]:
-    """The widths model.widths replaces, in the U-Net's order (model.py): conv_in; per block of the encoder, the
-    middle and the decoder, its hidden and its output channels; per down- and upsampling, its output channels."""
-    levels = [m.base_channels * mult for mult in m.channel_mults]
-    down = [w for i, ch in enumerate(levels) for w in [ch, ch] * m.num_res_blocks + [ch] * (i < len(levels) - 1)]
-    up = [w for i, ch in reversed(list(enumerate(levels))) for w in [ch, ch] * (m.num_res_blocks + 1) + [ch] * (i > 0)]
-    return [levels[0], *down, *[levels[-1]] * 4, *up]
-
-
-def _validate_widths(m: ModelConfig) -> None:
-    if m.widths is None:
-        return
-    n = len(nominal_widths(m))
-    _check(len(m.widths) == n and min(m.widths) >= 1,
-           f"model.widths must be null or {n} positive channel counts (config.nominal_widths), got {list(m.widths)}")
-
-
-def _validate_text(m: ModelConfig) -> None:
-    if m.text_encoder is None:
-        return
-    _check(m.num_classes is None, f"model.text_encoder={m.text_encoder} and model.num_classes={m.num_classes} cannot "
-           "be combined; set model.num_classes=null for a text-conditional model")
-    _check(m.text_encoder != "clip" or m.text_max_tokens <= 77,  # CLIP's position embeddings
-           f"model.text_max_tokens must be at most 77 with CLIP, got {m.text_max_tokens}")
-    _check(m.text_width < 64 or m.text_width % 64 == 0,
-           f"model.text_width must be below 64 or a multiple of 64 (attention heads of 64), got {m.text_width}")
-
-
-def _validate_sample(sample_cfg: SampleConfig, timesteps: int, conditional: bool) -> None:
-    _check(sample_cfg.steps <= timesteps,
-           f"sample.steps must be between 1 and diffusion.timesteps={timesteps}, got {sample_cfg.steps}")
-    _check(sample_cfg.sampler != "dpmpp" or sample_cfg.eta == 0,
-           f"sample.eta={sample_cfg.eta} (--eta) is for DDIM; DPM-Solver++ (sample.sampler=dpmpp) is deterministic, "
-           "so leave eta at 0")
-    _check(conditional or sample_cfg.guidance_scale == 1.0,
-           f"sample.guidance_scale={sample_cfg.guidance_scale} (--guidance-scale) needs a class-conditional or "
-           "text-conditional "
-           "model; this one has model.num_classes and model.text_encoder null (trained without labels or captions)")
-
-
-def check_batch_split(train: TrainConfig, world: int = 1) -> None:
-    """train.batch_size is the global batch: it must split evenly over the processes and micro-batches."""
-    _check(train.batch_size % (world * train.grad_accum) == 0,
-           f"train.batch_size={train.batch_size} must be divisible by processes x train.grad_accum = "
-           f"{world} x {train.grad_accum}; change train.batch_size or train.grad_accum")
 
 
 def resolved(cfg: Config, *, name: str, num_classes: int | None) -> Config:
     """A copy of cfg with the values known only at run time filled in, once: the run name and
     model.num_classes (the data set's count where the config says 'auto'). Nothing changes it afterwards."""
     return dataclasses.replace(cfg, name=name, model=dataclasses.replace(cfg.model, num_classes=num_classes))
-
-
-def schedule_warning(d: DiffusionConfig) -> str | None:
-    """A warning when the schedule leaves x_T far from pure noise: sqrt(alpha-bar_T) above 0.05, as the linear
-    betas meant for T = 1000 do with a small T (T = 50 keeps x_T = 0.77 x_0 + noise)."""
-    if d.beta_schedule != "linear":
-        return None
-    signal = math.sqrt(math.prod(1 - (d.beta_start + (d.beta_end - d.beta_start) * i / (d.timesteps - 1))
-                                 for i in range(d.timesteps)))
-    if signal <= 0.05:
-        return None
-    scaled = min(0.999, d.beta_end * 1000 / d.timesteps)
-    return (f"warning: with diffusion.timesteps={d.timesteps} the linear betas ({d.beta_start:g}..{d.beta_end:g}) "
-            f"leave x_T = {signal:.2f} x_0 + noise, so sampling from pure noise starts off the training data; "
-            f"use diffusion.beta_schedule=cosine or diffusion.beta_end={scaled:.3g}")
 
 
 def parse_override(text: str) -> tuple[str, object]:

@@ -179,6 +179,9 @@ def to_diffusers(args) -> None:
     if cfg.model.text_encoder:  # UNet2DModel has no text conditioning (diffusers' UNet2DConditionModel is another net)
         raise UserError(f"'{args.ckpt}' is a text-conditional model (model.text_encoder={cfg.model.text_encoder}); "
                         "convert.py converts unconditional and class-conditional models only")
+    if "latent" in ckpt:  # a DDPMPipeline samples pixels; its U-Net would denoise the latents without the decoder
+        raise UserError(f"'{args.ckpt}' is a latent model (latent.autoencoder={cfg.latent.autoencoder}); convert.py "
+                        "converts pixel-space models only")
     try:
         weight_formats.check_widths(cfg.model)
     except UserError as e:

@@ -80,16 +80,17 @@ class ImageDataset(Dataset):
         raise UserError(f"none of the {n} images under '{self.cfg.root}' can be read; check the files")
 
 
-def build_dataset(cfg: DataConfig, captions: bool = False) -> ImageDataset:
+def build_dataset(cfg: DataConfig, captions: bool = False, train: bool = True) -> ImageDataset:
     """The data set named by cfg.dataset, images cfg.channels x cfg.image_size x cfg.image_size; with
-    `captions`, labelled by caption (see ImageDataset) instead of by class."""
+    `captions`, labelled by caption (see ImageDataset) instead of by class; train=False: a torchvision set's
+    test split."""
     if cfg.dataset == "shapes":
         images, labels = make_shapes(cfg.num_images, cfg.image_size, cfg.channels, cfg.seed)
         ds = ImageDataset(cfg, labels, SHAPES, images=images)
     elif cfg.dataset == "folder":
         ds = _folder_dataset(cfg)
     else:
-        ds = _torchvision_dataset(cfg)
+        ds = _torchvision_dataset(cfg, train)
     if captions:
         ds.captions, ds.labels = caption_index(_captions_of(ds))
         ds.classes = []
@@ -107,11 +108,11 @@ def _captions_of(ds: ImageDataset) -> list[str]:
     return label_captions(cfg.dataset, ds.classes, ds.labels)
 
 
-def _torchvision_dataset(cfg: DataConfig) -> ImageDataset:
+def _torchvision_dataset(cfg: DataConfig, train: bool = True) -> ImageDataset:
     import torchvision  # takes seconds to import, and only these sets need it
     class_name, title, where = TORCHVISION_SETS[cfg.dataset]
     try:  # download=True only downloads what is missing, so it also works offline once the files are there
-        ds = getattr(torchvision.datasets, class_name)(root=cfg.root, train=True, download=True)
+        ds = getattr(torchvision.datasets, class_name)(root=cfg.root, train=train, download=True)
     except Exception as e:
         reason = first_line(e, 120).rstrip(":")
         raise UserError(f"{title} not found in {cfg.root}/ and could not be downloaded ({reason}; no network?): "

@@ -4,13 +4,15 @@ Notation follows Ho et al. 2020 (DDPM) and Song et al. 2021 (DDIM): beta_t, alph
 alpha-bar_t = prod_{s<=t} alpha_s (here `alphas_cumprod`). Indices are 0-based: index t in these
 tensors is step t+1 of the paper, so t runs over 0..T-1 and x_0 (the data) sits "before" index 0.
 """
-import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ddpm.likelihood import vlb_term
 
 
 def linear_beta_schedule(timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
@@ -50,6 +52,26 @@ def per_image(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape(-1, *([1] * (ndim - 1)))
 
 
+def respaced_betas(alphas_cumprod64: np.ndarray, timesteps) -> np.ndarray:
+    """The betas of the chain that keeps only `timesteps` (improved DDPM, sec. 4): with t_1 < ... < t_N the kept
+    indices, beta_i = 1 - alpha-bar_{t_i} / alpha-bar_{t_{i-1}} (alpha-bar before t_1 is 1), so the kept steps
+    have the alpha-bar they had. float64."""
+    abar = np.asarray(alphas_cumprod64, dtype=np.float64)[np.sort(np.asarray(timesteps))]
+    return 1.0 - abar / np.append(1.0, abar[:-1])
+
+
+@dataclass
+class LossTerms:
+    """The per-example terms of the training loss, each (B,) float32.
+
+    mse: L_simple's || target - output ||^2, averaged over the dimensions of an image;
+    vlb: with learned variances, L_t of the variational bound in nats per dimension (the KL of the posterior
+         and the reverse step, at t = 0 the decoder's NLL), through the variance only (the mean's gradient is
+         stopped, improved DDPM sec. 3.1); None with fixed variances."""
+    mse: torch.Tensor
+    vlb: torch.Tensor | None
+
+
 def extract(a: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     """a[t] reshaped to (B, 1, 1, ...) so it broadcasts against a batch of images."""
     return per_image(a.gather(0, t), ndim)
@@ -60,23 +82,35 @@ def timestep_batch(x: torch.Tensor, t: int) -> torch.Tensor:
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
 
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+
+
+def schedule_betas(cfg) -> np.ndarray:
+    """The betas of a DiffusionConfig's schedule (float64)."""
+    if cfg.beta_schedule == "linear":
+        return linear_beta_schedule(cfg.timesteps, cfg.beta_start, cfg.beta_end)
+    if cfg.beta_schedule == "cosine":
+        return cosine_beta_schedule(cfg.timesteps)
+    raise ValueError(f"unknown beta schedule '{cfg.beta_schedule}'")
+
+
 class GaussianDiffusion(nn.Module):
     """The fixed forward process of a DiffusionConfig and what follows from it: q(x_t | x_0), the posterior,
     the loss and single sampling steps. It holds no network: every method that needs one takes it (as
-    improved-diffusion's do), and the samplers take a `denoise(x_t, t) -> (eps, x_0)` made by `denoiser`."""
+    improved-diffusion's do), and the samplers take a `denoise(x_t, t) -> (eps, x_0)` made by `denoiser`.
 
-    def __init__(self, cfg):
+    variance 'learned_range' (improved DDPM, Nichol & Dhariwal 2021): the network outputs 2C channels, the mean's
+    parametrisation (eps, x_0 or v) and v in [-1, 1] with log Sigma_t = frac log beta_t + (1 - frac) log beta-tilde_t,
+    frac = (v + 1)/2 (see `model_log_variance`). `betas` (float64) replaces the config's schedule: a respaced chain."""
+
+    def __init__(self, cfg, betas: np.ndarray | None = None):
         super().__init__()
-        if cfg.objective not in ("eps", "x0", "v") or cfg.variance not in ("fixed_small", "fixed_large"):
+        if cfg.objective not in ("eps", "x0", "v") or cfg.variance not in VARIANCES:
             raise ValueError(f"unknown objective '{cfg.objective}' or variance '{cfg.variance}'")
-        self.num_timesteps = cfg.timesteps
         self.objective, self.variance, self.clip_denoised = cfg.objective, cfg.variance, cfg.clip_denoised
-        if cfg.beta_schedule == "linear":
-            betas = linear_beta_schedule(cfg.timesteps, cfg.beta_start, cfg.beta_end)
-        elif cfg.beta_schedule == "cosine":
-            betas = cosine_beta_schedule(cfg.timesteps)
-        else:
-            raise ValueError(f"unknown beta schedule '{cfg.beta_schedule}'")
+        self.learned_variance, self.vlb_weight, self.config = cfg.variance == "learned_range", cfg.vlb_weight, cfg
+        betas = schedule_betas(cfg) if betas is None else np.asarray(betas, dtype=np.float64)
+        self.num_timesteps = len(betas)
         alphas_cumprod = np.cumprod(1.0 - betas)
         self.alphas_cumprod64 = alphas_cumprod  # float64 on the host: the samplers' step coefficients use it
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
@@ -97,6 +131,7 @@ class GaussianDiffusion(nn.Module):
             "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
             # sigma_t^2 = beta_t ('fixed_large'); its first entry is beta-tilde_1 so x_0 gets the right scale
             "fixed_large_log_variance": np.log(np.append(posterior_variance[1], betas[1:])),
+            "log_betas": np.log(betas),  # the upper end of learned_range's interpolation
         }
         for name, value in schedule.items():  # computed in float64, stored as float32 buffers
             self.register_buffer(name, torch.tensor(value, dtype=torch.float32), persistent=False)
@@ -125,18 +160,49 @@ class GaussianDiffusion(nn.Module):
         return ((extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x0)
                 / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim))
 
+    def respaced(self, timesteps) -> "GaussianDiffusion":
+        """The chain that visits only `timesteps` (improved DDPM's respacing, `respaced_betas`); its index i is the
+        i-th smallest of them. Itself when they are every index from 0 up, so a full chain is computed as always."""
+        if sorted(timesteps) == list(range(len(timesteps))):
+            return self
+        return GaussianDiffusion(self.config, respaced_betas(self.alphas_cumprod64, timesteps)).to(self.betas.device)
+
     # ---- training ----------------------------------------------------------------------------------------
 
     def loss(self, model, x0, cond=None, t=None, noise=None):
-        """L_simple (DDPM eq. 14): E_{t, x_0, eps} || target - model(x_t, t) ||^2 with t ~ U{0..T-1}.
+        """L_simple (DDPM eq. 14): E_{t, x_0, eps} || target - model(x_t, t) ||^2 with t ~ U{0..T-1}; with learned
+        variances L_hybrid = L_simple + vlb_weight * T * L_t (improved DDPM eq. 16: T L_t estimates L_vlb).
 
         The target is eps, x_0, or v = sqrt(alpha-bar) eps - sqrt(1 - alpha-bar) x_0 (Salimans & Ho 2022).
         cond: the model's condition (labels; the null label where dropped for classifier-free guidance).
         t and noise may be given (train.py draws them reproducibly); returns a float32 scalar."""
+        if self.learned_variance:
+            return self.hybrid(self.loss_terms(model, x0, cond, t, noise)).mean()
+        out, target, _, _ = self._training_pass(model, x0, cond, t, noise)
+        return F.mse_loss(out.float(), target.float())
+
+    def hybrid(self, terms: LossTerms) -> torch.Tensor:
+        """(B,) per-example L_simple + vlb_weight * T * L_t (L_simple alone with fixed variances)."""
+        return terms.mse if terms.vlb is None else terms.mse + self.vlb_weight * self.num_timesteps * terms.vlb
+
+    def loss_terms(self, model, x0, cond=None, t=None, noise=None) -> LossTerms:
+        """The per-example terms of `loss` (see LossTerms), for weighting them (train.py)."""
+        out, target, x_t, t = self._training_pass(model, x0, cond, t, noise)
+        out, target = out.float(), target.float()
+        if not self.learned_variance:
+            return LossTerms((out - target).pow(2).flatten(1).mean(1), None)
+        mean_out, v = out.chunk(2, dim=1)
+        x0_hat = self.predict_x0_from_eps(x_t, t, self._to_eps(x_t, t, mean_out.detach()))
+        vlb = vlb_term(self, x0.float(), x_t.float(), t, x0_hat, v)
+        return LossTerms((mean_out - target).pow(2).flatten(1).mean(1), vlb)
+
+    def _training_pass(self, model, x0, cond, t, noise):
+        """(network output, its target, x_t, t) of one training batch."""
         b = x0.shape[0]
         t = torch.randint(0, self.num_timesteps, (b,), device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
-        out = model(self.q_sample(x0, t, noise), t, cond)
+        x_t = self.q_sample(x0, t, noise)
+        out = model(x_t, t, cond)
         if self.objective == "eps":
             target = noise
         elif self.objective == "x0":
@@ -144,7 +210,7 @@ class GaussianDiffusion(nn.Module):
         else:
             target = (extract(self.sqrt_alphas_cumprod, t, x0.ndim) * noise
                       - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
-        return F.mse_loss(out.float(), target.float())
+        return out, target, x_t, t
 
     # ---- sampling ----------------------------------------------------------------------------------------
 
@@ -153,23 +219,40 @@ class GaussianDiffusion(nn.Module):
         eps = eps_uncond + w (eps_cond - eps_uncond), both from one batched forward pass of 2B.
         x_0 is then dynamically thresholded (`threshold`, see dynamic_threshold) or clipped to [-1, 1]
         (`clip_denoised`), and eps recomputed from it, so that every sampler's update sees one consistent pair."""
-        if cond is not None and guidance_scale != 1.0:
-            x_in, t_in = torch.cat([x_t, x_t]), torch.cat([t, t])
-            out = model(x_in, t_in, torch.cat([cond, model.null_condition(cond)])).float()
-            eps_cond, eps_uncond = self._to_eps(x_in, t_in, out).chunk(2)
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        else:
-            eps = self._to_eps(x_t, t, model(x_t, t, cond).float())
+        eps, x0, _ = self.predict_with_variance(model, x_t, t, cond, guidance_scale, threshold)
+        return eps, x0
+
+    def predict_with_variance(self, model, x_t, t, cond=None, guidance_scale=1.0, threshold=False):
+        """`predict`'s (eps, x_0), and v, the learned variance's output (of the conditional pass, as in GLIDE;
+        None with fixed variances)."""
+        eps, v = self._eps_and_v(model, x_t, t, cond, guidance_scale)
         x0 = self.predict_x0_from_eps(x_t, t, eps)
         if threshold or self.clip_denoised:  # thresholding leaves |x_0| <= 1, so clipping after it does nothing
             x0 = dynamic_threshold(x0) if threshold else x0.clamp(-1, 1)
             eps = self.predict_eps_from_x0(x_t, t, x0)
-        return eps, x0
+        return eps, x0, v
+
+    def _eps_and_v(self, model, x_t, t, cond, guidance_scale):
+        """eps (guided) and the variance output v (None with fixed variances) of the network at x_t."""
+        if cond is not None and guidance_scale != 1.0:
+            x_in, t_in = torch.cat([x_t, x_t]), torch.cat([t, t])
+            mean_out, v = self._split(model(x_in, t_in, torch.cat([cond, model.null_condition(cond)])).float())
+            eps_cond, eps_uncond = self._to_eps(x_in, t_in, mean_out).chunk(2)
+            return eps_uncond + guidance_scale * (eps_cond - eps_uncond), None if v is None else v.chunk(2)[0]
+        mean_out, v = self._split(model(x_t, t, cond).float())
+        return self._to_eps(x_t, t, mean_out), v
+
+    def _split(self, out):
+        """(the mean's output, the variance's v or None): a learned-range network's 2C channels in two halves."""
+        return out.chunk(2, dim=1) if self.learned_variance else (out, None)
 
     def denoiser(self, model, cond=None, guidance_scale=1.0, threshold=False):
         """denoise(x_t, t) -> (eps, x_0): `predict` with the network, its condition and the thresholding bound,
-        for the samplers."""
-        return functools.partial(self.predict, model, cond=cond, guidance_scale=guidance_scale, threshold=threshold)
+        for the samplers (denoise(x_t, t, with_variance=True) adds v: `predict_with_variance`)."""
+        def denoise(x_t, t, with_variance=False):
+            eps, x0, v = self.predict_with_variance(model, x_t, t, cond, guidance_scale, threshold)
+            return (eps, x0, v) if with_variance else (eps, x0)
+        return denoise
 
     def _to_eps(self, x_t, t, out):
         if self.objective == "eps":
@@ -180,14 +263,30 @@ class GaussianDiffusion(nn.Module):
         return (extract(self.sqrt_alphas_cumprod, t, x_t.ndim) * out
                 + extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * x_t)
 
-    def p_sample(self, denoise, x_t, t, z):
-        """One ancestral step x_t -> x_{t-1} (DDPM Algorithm 2): the posterior mean at the predicted x_0,
-        plus sigma_t z, with sigma_t^2 = beta-tilde_t ('fixed_small') or beta_t ('fixed_large'); no noise at t=0."""
-        _, x0 = denoise(x_t, t)
-        mean, _, log_var = self.q_posterior(x0, x_t, t)
+    def model_log_variance(self, t, ndim: int, v=None):
+        """log Sigma_t of the reverse step at index t: log beta-tilde_t ('fixed_small', clipped at t = 0), log beta_t
+        ('fixed_large', beta-tilde_1 at t = 0), or with learned variances (improved DDPM eq. 15, improved-diffusion's
+        clipping) frac log beta_t + (1 - frac) log beta-tilde_t, frac = (v + 1)/2."""
+        if self.variance == "fixed_small":
+            return extract(self.posterior_log_variance_clipped, t, ndim)
         if self.variance == "fixed_large":
-            log_var = extract(self.fixed_large_log_variance, t, x_t.ndim)
-        nonzero = per_image((t > 0).float(), x_t.ndim)
+            return extract(self.fixed_large_log_variance, t, ndim)
+        frac = (v + 1) / 2
+        return (frac * extract(self.log_betas, t, ndim)
+                + (1 - frac) * extract(self.posterior_log_variance_clipped, t, ndim))
+
+    def p_sample(self, denoise, x_t, t, z, index=None):
+        """One ancestral step x_t -> x_{t-1} (DDPM Algorithm 2): the posterior mean at the predicted x_0,
+        plus sigma_t z (see model_log_variance); no noise at the chain's first index.
+        t: the network's timestep; index: this chain's (a respaced chain's, see `respaced`; default t)."""
+        index = t if index is None else index
+        if self.learned_variance:
+            _, x0, v = denoise(x_t, t, with_variance=True)
+        else:
+            (_, x0), v = denoise(x_t, t), None
+        mean, _, _ = self.q_posterior(x0, x_t, index)
+        log_var = self.model_log_variance(index, x_t.ndim, v)
+        nonzero = per_image((index > 0).float(), x_t.ndim)
         return mean + nonzero * (0.5 * log_var).exp() * z, x0
 
     def ddim_step(self, denoise, x_t, t, t_prev, z, eta):

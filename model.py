@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import network_shape
 from ddpm.text_encoders import LearnedTextEncoder, text_dims
 
 
@@ -189,24 +190,26 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, cond): the U-Net of the paper, shaped by a ModelConfig (config.py holds the defaults)."""
+    """eps_theta(x_t, t, cond): the U-Net of the paper, shaped by a ModelConfig (config.py holds the defaults).
+    `image_channels` is the input's (and the images'); the output may have more (out_channels)."""
 
     def __init__(self, cfg, image_channels: int, image_size: int, vocab_size: int | None = None,
-                 text_width: int | None = None):
+                 text_width: int | None = None, out_channels: int | None = None):
         """vocab_size: the learned text encoder's (ddpm/text_encoders.text_dims); text_width: that of CLIP's
-        embeddings."""
+        embeddings; out_channels: the output's (default image_channels; twice that with learned variances)."""
         super().__init__()
         if cfg.num_classes == "auto":
             raise ValueError("resolve model.num_classes='auto' from the data set before building the model")
         self.image_channels, self.image_size, self.num_classes = image_channels, image_size, cfg.num_classes
+        self.codec = None  # a latent model's ddpm/codecs.Codec (ddpm/latent.py), which makes its samples images
         self.time_embedding = cfg.time_embedding
         ch, emb_dim = cfg.base_channels, embedding_width(cfg)
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # labels 0..num_classes-1 and one extra 'null' label (index num_classes) for classifier-free guidance
         self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
         context_dim = self._text_layers(cfg, emb_dim, vocab_size, text_width)
-        # a pruned network's widths, layer by layer (config.nominal_widths tells the order): each layer has its
-        # nominal width (base_channels x channel_mults, `ch`) and its actual one (`act`), the same unless pruned
+        # a pruned network's widths, layer by layer (ddpm/config_rules.nominal_widths tells the order): each layer
+        # has its nominal width (base_channels x channel_mults, `ch`) and its actual one (`act`), the same unless pruned
         recorded = iter(cfg.widths) if cfg.widths is not None else None
 
         def width(nominal: int) -> int:
@@ -223,7 +226,7 @@ class UNet(nn.Module):
         self.mid.append(block(ch, ch, False, self.mid[0].out_channels))
         ch, act = self._up_path(cfg, block, width, skip_channels, image_size // 2 ** (len(cfg.channel_mults) - 1))
         self.norm_out = group_norm(act, cfg.norm_eps, ch)
-        self.conv_out = zero_init(nn.Conv2d(act, image_channels, 3, padding=1))
+        self.conv_out = zero_init(nn.Conv2d(act, out_channels or image_channels, 3, padding=1))
 
     def _down_path(self, cfg, block, width, res: int) -> list[tuple[int, int]]:
         """self.down: num_res_blocks blocks per level, then a Downsample (but after the last level); returns the
@@ -280,9 +283,13 @@ class UNet(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, text_state=None):
-        """The network of a whole Config: its model section at the data's channels and image size; a text model
-        also needs its caption encoder's state (ddpm/text_encoders.py: the vocabulary, or CLIP's width)."""
-        return cls(cfg.model, cfg.data.channels, cfg.data.image_size, **text_dims(cfg.model, text_state))
+        """The network of a whole Config: its model section at the data's channels and image size (a latent model's
+        at its latents', config.network_shape), with twice the output channels for learned variances
+        (diffusion.variance=learned_range: the mean's, then v's); a text model also needs its caption encoder's state
+        (ddpm/text_encoders.py: the vocabulary, or CLIP's width)."""
+        channels, size = network_shape(cfg)
+        out = 2 * channels if cfg.diffusion.variance == "learned_range" else channels
+        return cls(cfg.model, channels, size, **text_dims(cfg.model, text_state), out_channels=out)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from dataset import build_dataset
-from ddpm import edit_flags, edit_runs
+from ddpm import distillation, edit_flags, edit_runs
 from ddpm.checkpoint import LoadedCheckpoint, load_for_use
 from ddpm.cli import (
     ArgumentParser,
@@ -43,6 +43,7 @@ from ddpm.conditions import Conditions, prompt_conditions, repeat_to
 from ddpm.distributed import close_distributed, setup_distributed, wait_for_all
 from ddpm.generation import Sampling, batch_generator, generate, prepare_model, sample_batches
 from ddpm.images import image_format, make_grid, save_grid, to_pil, to_uint8
+from ddpm.latent import codec_of_checkpoint
 from ddpm.png_folders import existing_images, sample_to_folder
 from ddpm.samplers import sampler_timesteps
 from diffusion import GaussianDiffusion
@@ -147,7 +148,11 @@ def parse_args(argv=None):
 def load_model(args, device) -> LoadedCheckpoint:
     """--ckpt with the command line's settings."""
     flags = sampler_overrides(args) + ([f"sample.n={args.n}"] if args.n is not None else [])
-    return load_for_use(args.ckpt, device, use_ema=not args.no_ema, overrides=args.overrides + flags)
+    loaded = load_for_use(args.ckpt, device, use_ema=not args.no_ema, overrides=args.overrides + flags)
+    loaded.model.codec = codec_of_checkpoint(loaded)  # a latent model's samples decoded (ddpm/latent.py)
+    if warning := distillation.sampler_warning(loaded.distilled, loaded.cfg.sample):  # a student, other steps
+        print(warning)
+    return loaded
 
 
 def load(args, process) -> tuple[LoadedCheckpoint, Conditions]:
@@ -287,6 +292,9 @@ def edit(args, process):
     interpolation."""
     which = edit_flags.check_flags(args, process.world)
     loaded = load_model(args, process.device)
+    if loaded.latent is not None:
+        raise UserError("editing a latent model (latent.autoencoder) is not supported yet: its inputs would have to "
+                        "be encoded; sample it without the editing flags")
     cfg = loaded.cfg
     # one condition per prompt or class, cycled over the inputs; None: the unconditional model
     labels = None

@@ -80,7 +80,7 @@ class Batches:
         self.batch += 1
         if self.batch == self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
-        return to_float(x), y
+        return (to_float(x) if x.dtype == torch.uint8 else x), y  # latents (ddpm/latent_cache.py) are float already
 
     def _order_of(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(stream_seed("order", self.seed, epoch))

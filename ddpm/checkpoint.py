@@ -139,6 +139,10 @@ def check_same_architecture(ckpt: dict, cfg, path: str) -> None:
     if saved["diffusion"]["timesteps"] != cfg.diffusion.timesteps:
         diffs.append(f"diffusion.timesteps: checkpoint {saved['diffusion']['timesteps']}, "
                      f"config {cfg.diffusion.timesteps}")
+    learned = saved["diffusion"].get("variance") == "learned_range"  # the output's channels
+    if learned != (cfg.diffusion.variance == "learned_range"):
+        diffs.append(f"diffusion.variance: checkpoint {saved['diffusion'].get('variance')!r}, "
+                     f"config {cfg.diffusion.variance!r}")
     # neither changes the weights: dropout, and where CLIP is read from (a moved folder)
     diffs = [d for d in diffs if not d.startswith(("model.dropout", "model.text_encoder_path"))]
     if diffs:
@@ -155,7 +159,9 @@ def to_plain(section) -> dict:
 class LoadedCheckpoint:
     """A checkpoint read for use: its config (with the overrides of this use), the network (in eval mode, on
     `device`), its diffusion, the training step it was saved at, a text model's caption encoder state (None
-    otherwise) and the file it came from."""
+    otherwise), the file it came from, a latent model's record of its autoencoder (ddpm/codecs.py; None for a
+    pixel-space model), and a distilled student's record of what it was distilled for (ddpm/distillation.py; None
+    otherwise)."""
     cfg: object
     model: torch.nn.Module
     diffusion: GaussianDiffusion
@@ -163,13 +169,16 @@ class LoadedCheckpoint:
     text_state: dict | None
     path: str
     device: torch.device
+    latent: dict | None = None
+    distilled: dict | None = None
 
 
 def load_for_use(path: str, device, use_ema: bool = True, overrides=()) -> LoadedCheckpoint:
     """The checkpoint at `path` ready to sample from (see model_from_checkpoint for use_ema and overrides)."""
     ckpt = load_checkpoint(path)
     cfg, model, diffusion = model_from_checkpoint(ckpt, device, use_ema, overrides)
-    return LoadedCheckpoint(cfg, model, diffusion, ckpt["step"], ckpt.get("text"), path, torch.device(device))
+    return LoadedCheckpoint(cfg, model, diffusion, ckpt["step"], ckpt.get("text"), path, torch.device(device),
+                            ckpt.get("latent"), ckpt.get("distilled"))
 
 
 def model_from_checkpoint(ckpt: dict, device, use_ema: bool = True, overrides=()):

@@ -76,8 +76,8 @@ def add_sampler_flags(p) -> None:
     """The sampling flags of sample.py and evaluate.py; each is shorthand for a sample.<field> override
     and defaults to the checkpoint's value."""
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], help="sample.sampler (dpmpp: DPM-Solver++)")
-    p.add_argument("--steps", type=int, help="network calls of DDIM and DPM-Solver++, 1..T (sample.steps); "
-                                             "DDPM always takes all T")
+    p.add_argument("--steps", type=int, help="network calls, 1..T (sample.steps; with DDPM sample.ddpm_steps, 2..T: "
+                                             "respaced; without it DDPM takes all T)")
     p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 like DDPM (sample.eta)")
     p.add_argument("--order", type=int, help="DPM-Solver++ order 1, 2 or 3 (sample.order)")
     p.add_argument("--spacing", choices=SPACINGS, help="DDIM and DPM-Solver++ timesteps (sample.spacing)")
@@ -90,8 +90,12 @@ def add_sampler_flags(p) -> None:
 
 
 def sampler_overrides(args) -> list[str]:
-    """The sampling flags given on the command line, as sample.<field>=value overrides."""
-    return [f"sample.{k}={getattr(args, k)}" for k in SAMPLER_FLAGS if getattr(args, k) is not None]
+    """The sampling flags given on the command line, as sample.<field>=value overrides; --steps sets DDPM's
+    sample.ddpm_steps too when the sampler is DDPM (--sampler ddpm, or the checkpoint's without --sampler)."""
+    overrides = [f"sample.{k}={getattr(args, k)}" for k in SAMPLER_FLAGS if getattr(args, k) is not None]
+    if args.steps is not None and args.sampler in (None, "ddpm"):
+        overrides.append(f"sample.ddpm_steps={args.steps}")
+    return overrides
 
 
 def class_labels(spec, num_classes, n) -> Conditions:

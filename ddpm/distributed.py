@@ -4,7 +4,7 @@
     process.say("...")                      # printed by rank 0 only
     close_distributed(process.world)        # at the end, also after an error
 
-One process per GPU (NCCL), or per CPU slot (gloo). The scripts that can run under torchrun (train.py,
+One process per GPU (NCCL), or per CPU slot (gloo). The scripts that can run under torchrun (train.py, distill.py,
 sample.py, evaluate.py) call this first and leave the group when they end.
 """
 import dataclasses

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ddpm.conditions import repeat_to
+from ddpm.latent import to_images, trajectory_images
 from ddpm.samplers import sample_loop
 from utils import autocast_dtype, enable_tf32, first_call_or_fallback
 
@@ -49,7 +50,8 @@ def generate(sampling: Sampling, n: int, generator, cond=None, record=()):
 
     cond: (n,) labels for a class-conditional model, (n, ...) encoded captions for a text model (text_encoders.py);
     None: the null condition. A guidance scale w != 1 turns on classifier-free guidance. x_T is the first draw from
-    `generator`. `record`: timestep indices to keep; then returns (x, trajectory) as samplers.sample_loop does. The
+    `generator`. `record`: timestep indices to keep; then returns (x, trajectory) as samplers.sample_loop does. A
+    latent model (model.codec) samples latents and returns them decoded, its trajectory's x_t and x_0 too. The
     samplers run under `autocast` (here and in the edits of ddpm/edit_runs.py): bf16 on GPUs that support it with
     precision 'auto', fp32 on the CPU."""
     model, sample_cfg = sampling.model, sampling.sample_cfg
@@ -57,8 +59,9 @@ def generate(sampling: Sampling, n: int, generator, cond=None, record=()):
     x_T = torch.randn(shape, generator=generator, device=sampling.device)
     with autocast(sample_cfg, sampling.device):
         out = sample_loop(sampling.diffusion, sampling.denoiser(cond), x_T, sample_cfg, generator, record=record)
-    # the samplers clip x_0 when diffusion.clip_denoised; without it the last step may overshoot a little
-    return (out[0].clamp(-1, 1), out[1]) if record else out.clamp(-1, 1)
+    if record:  # a latent model's shown steps are decoded too (ddpm/latent.py)
+        return to_images(model, out[0]), trajectory_images(model, out[1])
+    return to_images(model, out)
 
 
 def autocast(sample_cfg, device: torch.device):
@@ -92,7 +95,8 @@ def sampler_record(sample_cfg, timesteps: int) -> dict:
     """The sampler settings of `sample_cfg` that shaped a set of images, for metrics.json (None where one does not
     apply)."""
     sampler = sample_cfg.sampler
-    return {"sampler": sampler, "steps": timesteps if sampler == "ddpm" else sample_cfg.steps,
+    return {"sampler": sampler,
+            "steps": (sample_cfg.ddpm_steps or timesteps) if sampler == "ddpm" else sample_cfg.steps,
             "eta": sample_cfg.eta if sampler == "ddim" else None,
             "order": sample_cfg.order if sampler == "dpmpp" else None,
             "spacing": None if sampler == "ddpm" else sample_cfg.spacing,

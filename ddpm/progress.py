@@ -5,6 +5,7 @@ tqdm's redraws would fill it (about 80 bytes a step: 65 MB for the paper's 800k 
     with progress(n, "sampling", "img") as bar:
         bar.update(k)
         bar.set_postfix(loss="0.0312")   # shown on the bar, or at the end of the next plain line
+        bar.set_description("round 2/3")  # a new name in front of the bar or of the next plain lines
         bar.write("a message")           # on stdout, between the bar's redraws
 """
 import sys
@@ -17,7 +18,7 @@ PLAIN_EVERY = 10.0  # seconds between two plain lines
 
 def progress(total: int, desc: str, unit: str = "it", initial: int = 0, disable: bool = False):
     """A progress bar over `total` units: tqdm where stderr is a terminal, else a PlainProgress (the same methods:
-    update, set_postfix, write, close, n, and `with`)."""
+    update, set_postfix, set_description, write, close, n, and `with`)."""
     if sys.stderr.isatty():
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
     return PlainProgress(total, desc, unit, initial, disable)
@@ -47,6 +48,9 @@ class PlainProgress:
 
     def set_postfix(self, **values) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
 
     def write(self, text: str) -> None:
         print(text, flush=True)

@@ -10,7 +10,7 @@ the time embedding's addition and GroupNorm are found by torch-pruning's Depende
 GroupNorm: the pruned network keeps every norm's number of groups (as torch-pruning does), each with fewer channels;
 in every run of `unit` consecutive channels (the common size of the norms' groups) the same fraction `keep` is kept,
 the channels of the lowest summed score, so an aligned group keeps its own channels. The widths go into
-model.widths (config.nominal_widths), so the pruned checkpoint is plain tensors and a config.
+model.widths (config_rules.nominal_widths), so the pruned checkpoint is plain tensors and a config.
 """
 import dataclasses
 import math
@@ -34,7 +34,7 @@ def require_torch_pruning():
 
 
 def recorded_widths(model: UNet) -> list[int]:
-    """The actual widths of `model` in the order of config.nominal_widths (what model.widths holds)."""
+    """The actual widths of `model` in the order of config_rules.nominal_widths (what model.widths holds)."""
     widths = [model.conv_in.out_channels]
     for layer in [*model.down, *model.mid, *model.up]:
         if isinstance(layer, Block):

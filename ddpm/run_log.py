@@ -46,7 +46,7 @@ def plain_decimal(value: float, axis) -> str:
     return ""
 
 
-def loss_figure(history: dict, title: str):
+def loss_figure(history: dict, title: str, ylabel: str = "loss (L_simple)"):
     """The loss curve on a log axis labelled in plain decimals: the logged points, and from MIN_POINTS_TO_SMOOTH
     points on their centred moving average (smooth). A matplotlib Figure with an Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -62,7 +62,7 @@ def loss_figure(history: dict, title: str):
         ax.plot(steps, smooth(loss), label="smoothed (centred window, log space)")
     else:
         ax.plot(steps, loss, marker=".", label=f"loss (fewer than {MIN_POINTS_TO_SMOOTH} points: not smoothed)")
-    ax.set(xlabel="step", ylabel="loss (L_simple)", yscale="log", title=title)
+    ax.set(xlabel="step", ylabel=ylabel, yscale="log", title=title)
     for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
         set_formatter(FuncFormatter(lambda value, pos: plain_decimal(value, ax.yaxis)))
     ax.grid(True, which="both", alpha=0.3)
@@ -72,9 +72,10 @@ def loss_figure(history: dict, title: str):
 
 
 class RunLog:
-    def __init__(self, results_dir: str, start_step: int, max_steps: int, history: dict | None):
+    def __init__(self, results_dir: str, start_step: int, max_steps: int, history: dict | None,
+                 loss_label: str = "loss (L_simple)"):
         from torch.utils.tensorboard import SummaryWriter
-        self.dir = results_dir
+        self.dir, self.loss_label = results_dir, loss_label
         self.history = history or {k: [] for k in COLUMNS}
         # purge_step drops events a killed run wrote after its last checkpoint, so curves do not overlap
         self.tb = SummaryWriter(os.path.join(results_dir, "logs"), purge_step=start_step or None)
@@ -110,7 +111,7 @@ class RunLog:
         self.tb.flush()
         if not self.history["step"]:
             return
-        fig = loss_figure(self.history, os.path.basename(self.dir))
+        fig = loss_figure(self.history, os.path.basename(self.dir), self.loss_label)
         atomic_write(os.path.join(self.dir, "plots", "loss.png"), lambda f: fig.savefig(f, format="png", dpi=100))
 
     def close(self) -> None:

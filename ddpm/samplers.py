@@ -63,11 +63,13 @@ def _strictly_decreasing(ts, T: int) -> list[int]:
 
 
 def sampler_timesteps(diffusion, sample_cfg) -> list[int]:
-    """The timestep indices the sampler `sample_cfg` visits, from T-1 down: every one for DDPM; for DDIM and
-    DPM-Solver++ the `sample_cfg.steps` of spacing `sample_cfg.spacing`."""
+    """The timestep indices the sampler `sample_cfg` visits, from T-1 down: for DDPM every one, or the
+    `sample_cfg.ddpm_steps` of improved DDPM's respacing (round(linspace(0, T-1, N)), both ends kept); for DDIM
+    and DPM-Solver++ the `sample_cfg.steps` of spacing `sample_cfg.spacing`."""
     T = diffusion.num_timesteps
     if sample_cfg.sampler == "ddpm":
-        return list(range(T - 1, -1, -1))
+        n = sample_cfg.ddpm_steps or T
+        return [int(k) for k in np.linspace(0, T - 1, n).round()[::-1]]
     return spaced_timesteps(diffusion.alphas_cumprod64, sample_cfg.steps, sample_cfg.spacing)
 
 
@@ -133,14 +135,18 @@ def dpmpp_coefficients(alphas_cumprod64, timesteps: list[int], order: int) -> li
 
 def markov_stepper(diffusion, denoise, timesteps, sample_cfg, generator):
     """step(x, i) -> (x at the next timestep, x_0 predicted at timesteps[i]) for DDPM and DDIM; each step draws
-    its noise z from `generator` (the next index of the last step is -1, the data)."""
+    its noise z from `generator` (the next index of the last step is -1, the data). DDPM over fewer than all
+    timesteps steps along the respaced chain (GaussianDiffusion.respaced), whose index of timesteps[i] is
+    len(timesteps) - 1 - i: the timesteps of a DDPM sampler always end at 0."""
     following = timesteps[1:] + [-1]
+    chain = diffusion.respaced(timesteps) if sample_cfg.sampler == "ddpm" else None
 
     def step(x, i):
         t = timestep_batch(x, timesteps[i])
         z = torch.randn(x.shape, generator=generator, device=x.device)
         if sample_cfg.sampler == "ddpm":
-            return diffusion.p_sample(denoise, x, t, z)
+            index = t if chain is diffusion else timestep_batch(x, len(timesteps) - 1 - i)
+            return chain.p_sample(denoise, x, t, z, index)
         return diffusion.ddim_step(denoise, x, t, timestep_batch(x, following[i]), z, sample_cfg.eta)
     return step
 

@@ -205,6 +205,7 @@ class NegativePrompt(nn.Module):
         self.model = model
         self.register_buffer("negative", negative, persistent=False)
         self.image_channels, self.image_size = model.image_channels, model.image_size
+        self.codec = getattr(model, "codec", None)  # a latent model's (ddpm/latent.py)
 
     def null_condition(self, cond):
         return self.negative.expand_as(cond)

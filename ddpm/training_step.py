@@ -1,4 +1,4 @@
-"""One training step of a DDPM and the state it carries (Trainer), used by train.py.
+"""One training step of a DDPM and the state it carries (Trainer), used by train.py; ddpm/distillation.py subclasses it.
 
 One step, in order: a batch from the data stream (ddpm/batches.Batches), the loss of the network on it
 (GaussianDiffusion.loss), backward, the clipped optimiser step, the EMA of the weights.
@@ -18,10 +18,11 @@ import os
 
 import torch
 
-from config import to_dict
+from config import network_shape, to_dict
 from dataset import preload_wanted
 from ddpm.batches import Batches, stream_seed
 from ddpm.checkpoint import load_weights, rng_state, set_rng_state
+from ddpm.loss_weights import LossAwareSampler, UniformSampler, min_snr_weights, timestep_sampler
 from ddpm.text_encoders import prompt_encoder
 from diffusion import GaussianDiffusion, per_image
 from model import UNet
@@ -43,16 +44,18 @@ def ema_decay(step: int, decay: float) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
-def step_randomness(gen, cfg, step: int, rank: int, world: int, conditional: bool):
-    """Timesteps, noise (images of cfg.data's shape) and the label-drop mask of step `step` (None for an
-    unconditional model), drawn from `gen` (on the device) over the global batch; this rank's slice."""
+def step_randomness(gen, cfg, step: int, process, conditional: bool, sampler=None):
+    """Timesteps (drawn by `sampler`, ddpm/loss_weights.py; default uniform), noise (of the U-Net's input shape) and
+    the label-drop mask of step `step` (None for an unconditional model), drawn from `gen` (on the device) over the
+    global batch; the slice of `process` (ddpm/distributed.Process: its rank of its world)."""
     gen.manual_seed(stream_seed("step", cfg.train.seed, step))
     b, device = cfg.train.batch_size, gen.device
-    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    timesteps = torch.randint(0, cfg.diffusion.timesteps, (b,), generator=gen, device=device)
+    channels, size = network_shape(cfg)  # the images', or a latent model's latents'
+    shape = (channels, size, size)
+    timesteps = (sampler or UniformSampler(cfg.diffusion.timesteps)).sample(b, gen, device)
     noise = torch.randn((b, *shape), generator=gen, device=device)
     drop = torch.rand(b, generator=gen, device=device) < cfg.train.cond_drop_prob if conditional else None
-    sl = slice(rank * b // world, (rank + 1) * b // world)
+    sl = slice(process.rank * b // process.world, (process.rank + 1) * b // process.world)
     return timesteps[sl], noise[sl], drop[sl] if conditional else None
 
 
@@ -66,8 +69,8 @@ class Trainer:
 
     def __init__(self, cfg, process, dataset, log=print, text_state=None):
         device, rank, world = process.device, process.rank, process.world
-        self.cfg, self.device, self.rank, self.world, self.log = cfg, device, rank, world, log
-        tc = cfg.train
+        self.cfg, self.process, self.device, self.rank, self.world = cfg, process, device, rank, world
+        self.log, tc = log, cfg.train
         if tc.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with it
             torch.use_deterministic_algorithms(True)
@@ -80,37 +83,58 @@ class Trainer:
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        # latent diffusion (ddpm/latent_cache.py): the data are latents, and the codec makes the grids' images
+        self.codec = getattr(dataset, "codec", None)
+        self.model.codec = self.ema.codec = self.codec
         self.params, self.ema_params = list(self.model.parameters()), list(self.ema.parameters())
-        self.diffusion = GaussianDiffusion(cfg.diffusion).to(device)
+        self._diffusion_and_loss_weights(device)
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world > 1 else None
         self.eager = self.ddp or self.model  # what backward runs through; `net` may be its compiled version
         self.compiled = device.type == "cuda" if tc.compile == "auto" else tc.compile
         self.net = torch.compile(self.eager) if self.compiled else self.eager
+        self._optimiser_and_precision(tc, device)
+        self.gen = torch.Generator(device)
+        # latents are not flipped: their cache holds the mirrored images' latents instead
+        self.batches = Batches(dataset, tc.batch_size, seed=tc.seed, device=device,
+                               hflip=cfg.data.hflip and self.codec is None,
+                               preload=preload_wanted(cfg.data, dataset), num_workers=tc.num_workers,
+                               rank=rank, world_size=world)
+        self.conditional = cfg.model.num_classes is not None or self.captions is not None
+        self.step, self.step_losses = 0, []  # step_losses: see loss
+        self.bad_streak = torch.zeros((), device=device, dtype=torch.long)  # consecutive non-finite losses
+        self.bad_total = torch.zeros((), device=device, dtype=torch.long)
 
+    def _optimiser_and_precision(self, tc, device) -> None:
+        """Adam(W) with the LR schedule, the autocast dtype and the gradient scaler."""
         opt_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
         self.opt = opt_cls(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                            fused=device.type == "cuda")
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: lr_factor(step, tc))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.schedule_factor)
         self.amp_dtype = autocast_dtype(tc.precision, device)
         # Always a scaler: its on-device found_inf check skips a non-finite step without a host sync.
         # Only fp16 needs real loss scaling; otherwise the scale is pinned to 1 after each update.
         self.fp16 = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if self.fp16 else 1.0)
-        self.gen = torch.Generator(device)
-        self.batches = Batches(dataset, tc.batch_size, seed=tc.seed, device=device, hflip=cfg.data.hflip,
-                               preload=preload_wanted(cfg.data, dataset), num_workers=tc.num_workers,
-                               rank=rank, world_size=world)
-        self.conditional = cfg.model.num_classes is not None or self.captions is not None
-        self.step = 0
-        self.bad_streak = torch.zeros((), device=device, dtype=torch.long)  # consecutive non-finite losses
-        self.bad_total = torch.zeros((), device=device, dtype=torch.long)
+
+    def _diffusion_and_loss_weights(self, device) -> None:
+        """The diffusion, the timestep sampler (train.timestep_sampler) and the Min-SNR weights of each timestep
+        (train.snr_gamma; None when off)."""
+        cfg, tc = self.cfg, self.cfg.train
+        self.diffusion = GaussianDiffusion(cfg.diffusion).to(device)
+        self.timestep_sampler = timestep_sampler(tc.timestep_sampler, cfg.diffusion.timesteps)
+        self.snr_weights = None if tc.snr_gamma is None else torch.tensor(
+            min_snr_weights(self.diffusion.alphas_cumprod64, tc.snr_gamma, cfg.diffusion.objective),
+            dtype=torch.float32, device=device)
 
     def state_dict(self) -> dict:
-        text = {"text": self.text_state} if self.text_state is not None else {}
+        extra = {"text": self.text_state} if self.text_state is not None else {}
+        if self.codec is not None:  # which autoencoder (ddpm/codecs.py): refused if another one resumes
+            extra["latent"] = self.codec.autoencoder.record()
         return {"step": self.step, "config": to_dict(self.cfg), "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": rng_state(self.device), "data": self.batches.state_dict(), **text}
+                "rng": rng_state(self.device), "data": self.batches.state_dict(),
+                "timestep_sampler": self.timestep_sampler.state_dict(), **extra}
 
     def load_state_dict(self, ckpt: dict) -> None:
         load_weights(self.model, ckpt["model"], "the checkpoint's model weights")
@@ -122,6 +146,7 @@ class Trainer:
         self._apply_run_settings()
         self.scaler.load_state_dict(ckpt["scaler"])
         self.batches.load_state_dict(ckpt["data"])
+        self.timestep_sampler.load_state_dict(ckpt.get("timestep_sampler") or {})
         self.step = ckpt["step"]
         set_rng_state(ckpt["rng"], self.device)
 
@@ -131,7 +156,7 @@ class Trainer:
         tc = self.cfg.train
         for group in self.opt.param_groups:
             group.update(initial_lr=tc.lr, weight_decay=tc.weight_decay, fused=self.device.type == "cuda",
-                         lr=tc.lr * lr_factor(self.sched.last_epoch, tc))
+                         lr=tc.lr * self.schedule_factor(self.sched.last_epoch))
         self.sched.base_lrs = [tc.lr] * len(self.opt.param_groups)
 
     def train_step(self):
@@ -140,11 +165,11 @@ class Trainer:
         x, y = next(self.batches)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        timesteps, noise, drop = step_randomness(self.gen, cfg, self.step, self.rank, self.world, self.conditional)
+        timesteps, noise, drop = self.randomness()
         # dropout masks from (seed, rank, step): exact on resume on every rank, and different across ranks
         torch.manual_seed(stream_seed("dropout", cfg.train.seed, self.rank, self.step))
         y = self.condition(y, drop)
-        total = torch.zeros((), device=self.device)
+        total, self.step_losses = torch.zeros((), device=self.device), []
         for i in range(accum):
             part = slice(i * x.shape[0] // accum, (i + 1) * x.shape[0] // accum)
             # all-reduce the gradients once, on the last micro-batch
@@ -152,10 +177,11 @@ class Trainer:
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
-                    loss = self.diffusion.loss(self.net, x[part], None if y is None else y[part],
-                                               timesteps[part], noise[part]) / accum
+                    loss = self.loss(x[part], None if y is None else y[part], timesteps[part], noise[part]) / accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
+        if self.step_losses:  # the loss-aware sampler's history (see loss)
+            self.timestep_sampler.update(*self._gathered(timesteps, torch.cat(self.step_losses)))
         grad_norm = self._optimiser_step()
         self._update_ema()
         finite = torch.isfinite(total)
@@ -163,6 +189,40 @@ class Trainer:
         self.bad_total += (~finite).long()
         self.step += 1
         return total, grad_norm
+
+    def schedule_factor(self, step: int) -> float:
+        """The learning rate of optimiser step `step`, as a fraction of train.lr (lr_factor)."""
+        return lr_factor(step, self.cfg.train)
+
+    def randomness(self):
+        """This step's (timesteps, noise, label-drop mask) for this rank (step_randomness), the timesteps drawn by
+        the run's timestep sampler."""
+        return step_randomness(self.gen, self.cfg, self.step, self.process, self.conditional, self.timestep_sampler)
+
+    def loss(self, x, y, t, noise):
+        """The loss of a micro-batch: GaussianDiffusion.loss; with Min-SNR weights or the loss-aware sampler, the
+        mean of its per-example terms, L_simple's weighted by train.snr_gamma's weights and each example's by the
+        sampler's 1 / (T p_t); the loss-aware sampler's per-example losses (before that weight, detached) are kept
+        in step_losses for its history."""
+        loss_aware = isinstance(self.timestep_sampler, LossAwareSampler)
+        if self.snr_weights is None and not loss_aware:
+            return self.diffusion.loss(self.net, x, y, t, noise)
+        terms = self.diffusion.loss_terms(self.net, x, y, t, noise)
+        if self.snr_weights is not None:
+            terms.mse = terms.mse * self.snr_weights[t]
+        losses = self.diffusion.hybrid(terms)
+        if loss_aware:
+            self.step_losses.append(losses.detach())
+        return (losses * self.timestep_sampler.weights(t)).mean()
+
+    def _gathered(self, t, losses):
+        """The timesteps and per-example losses of the whole global batch, from every process, in rank order."""
+        if self.world == 1:
+            return t, losses
+        out = [torch.empty_like(a).repeat(self.world) for a in (t, losses)]
+        for o, a in zip(out, (t, losses)):
+            torch.distributed.all_gather_into_tensor(o, a.contiguous())
+        return out
 
     def condition(self, y, drop=None):
         """The network's condition for the batch's labels y: None (unconditional), the labels, or the encodings of

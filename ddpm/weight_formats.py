@@ -14,14 +14,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from config import DiffusionConfig, nominal_widths
+from config import DiffusionConfig
+from ddpm.config_rules import nominal_widths
 from diffusion import cosine_beta_schedule, linear_beta_schedule
 from model import Attention, Block, Downsample
 from utils import UserError
 
 PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 VARIANCE = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
-            "fixed_large_log": "fixed_large"}
+            "fixed_large_log": "fixed_large", "learned_range": "learned_range"}  # theirs -> ours
 SCHEDULE = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 FREQ_SHIFT = {"ddpm": 1, "transformer": 0}        # model.time_embedding -> diffusers' freq_shift
 DOWNSAMPLE_PADDING = {"same": 0, "symmetric": 1}  # model.downsample_padding -> diffusers' downsample_padding
@@ -196,7 +197,8 @@ def check_widths(m) -> None:
 
 
 def unet_config(cfg, model, flip_sin_to_cos: bool = False) -> dict:
-    """The UNet2DModel config of our U-Net `model` of Config `cfg` (every field, so no default is relied on)."""
+    """The UNet2DModel config of our U-Net `model` of Config `cfg` (every field, so no default is relied on);
+    learned variances: twice the channels out, the mean's then the variance's, as diffusers' learned_range."""
     m, size = cfg.model, cfg.data.image_size
     check_widths(m)
     if m.channel_mults[0] != 1:
@@ -208,8 +210,9 @@ def unet_config(cfg, model, flip_sin_to_cos: bool = False) -> dict:
     head_dim = None if m.num_heads == 1 else _one({c // m.num_heads for c in widths}, "attention_head_dim",
                                                   f"model.num_heads={m.num_heads} at widths {sorted(widths)}")
     attn = [size // 2 ** i in m.attention_resolutions for i in range(len(m.channel_mults))]
+    out = 2 * cfg.data.channels if cfg.diffusion.variance == "learned_range" else cfg.data.channels
     return {
-        "sample_size": size, "in_channels": cfg.data.channels, "out_channels": cfg.data.channels,
+        "sample_size": size, "in_channels": cfg.data.channels, "out_channels": out,
         "center_input_sample": False, "time_embedding_type": "positional", "time_embedding_dim": None,
         "freq_shift": FREQ_SHIFT[m.time_embedding], "flip_sin_to_cos": flip_sin_to_cos,
         "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
@@ -270,7 +273,10 @@ def config_from_unet(d: dict) -> tuple[dict, bool]:
              "num_classes": d["num_class_embeds"] - 1 if d["num_class_embeds"] else None,
              "time_embedding": {1: "ddpm", 0: "transformer"}[d["freq_shift"]],
              "downsample_padding": {0: "same", 1: "symmetric"}[d["downsample_padding"]], "norm_eps": d["norm_eps"]}
-    return {"model": model, "data": {"image_size": size, "channels": d["in_channels"]}}, bool(d["flip_sin_to_cos"])
+    sections = {"model": model, "data": {"image_size": size, "channels": d["in_channels"]}}
+    if d["out_channels"] == 2 * d["in_channels"]:  # a learned variance (a scheduler config may say which)
+        sections["diffusion"] = {"variance": "learned_range"}
+    return sections, bool(d["flip_sin_to_cos"])
 
 
 def check_layout(d: dict, expected: dict) -> None:

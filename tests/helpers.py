@@ -12,6 +12,7 @@ import torch.nn as nn
 import sample
 from config import DiffusionConfig, ModelConfig, load_config, to_dict
 from dataset import build_dataset
+from ddpm.autoencoder import KIND, Autoencoder
 from ddpm.checkpoint import save_checkpoint
 from ddpm.distributed import Process
 from ddpm.text_encoders import prompt_encoder
@@ -54,6 +55,19 @@ def perturb_zero_params(model: torch.nn.Module, std=0.05, seed=0) -> torch.nn.Mo
             if not p.any():
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+# our autoencoder of the latent tests (ddpm/autoencoder.py): factor 4, 3 latent channels, widths 8, 16, 32
+TINY_AUTOENCODER = ["autoencoder.factor=4", "autoencoder.ch=8", "autoencoder.latent_channels=3"]
+
+
+def tiny_autoencoder_checkpoint(path, seed=0) -> str:
+    """A train_autoencoder.py checkpoint of a random TINY_AUTOENCODER for 16x16 RGB shapes. Returns the path."""
+    cfg = load_config(None, ["data.dataset=shapes", "data.image_size=16", *TINY_AUTOENCODER])
+    torch.manual_seed(seed)
+    ae = Autoencoder(cfg.autoencoder, cfg.data.channels)
+    save_checkpoint({"kind": KIND, "step": 0, "config": to_dict(cfg), "autoencoder": ae.state_dict()}, str(path))
+    return str(path)
 
 
 # ... with a learned text encoder, 8 tokens, and the vocabulary of SHAPE_CAPTIONS' words

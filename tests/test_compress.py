@@ -16,9 +16,10 @@ import compress
 import convert
 import sample
 import train
-from config import ModelConfig, SampleConfig, config_from_dict, nominal_widths
+from config import ModelConfig, SampleConfig, config_from_dict
 from ddpm import quantization
 from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
+from ddpm.config_rules import nominal_widths
 from ddpm.generation import Sampling, batch_generator, generate
 from ddpm.samplers import sampler_timesteps
 from model import UNet

@@ -13,15 +13,13 @@ from config import (
     DEFAULT_CONFIG,
     SECTIONS,
     Config,
-    ConfigError,
-    check_batch_split,
     config_from_dict,
     dump,
     load_config,
     parse_override,
-    schedule_warning,
     to_dict,
 )
+from ddpm.config_rules import ConfigError, check_batch_split, schedule_warning
 from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -303,7 +301,14 @@ OUT_OF_RANGE = {
     "train.seed": -3, "train.log_every": 0, "train.save_every": 0, "train.sample_every": 0, "train.sample_n": 0,
     "train.keep_last": -1, "train.num_workers": -1, "train.max_nonfinite": 0, "train.cond_drop_prob": 1.0,
     "train.fid_every": -1, "train.fid_samples": 1, "sample.steps": 0, "sample.eta": 1.5, "sample.order": 4,
-    "sample.n": 0, "sample.batch_size": 0, "sample.seed": -1,
+    "sample.n": 0, "sample.batch_size": 0, "sample.seed": -1, "diffusion.vlb_weight": -0.001,
+    "train.nll_every": -1, "train.nll_images": 1,
+    "autoencoder.latent_channels": 0, "autoencoder.ch": 0, "autoencoder.num_res_blocks": 0,
+    "autoencoder.kl_weight": -1, "autoencoder.perceptual_weight": -1, "autoencoder.disc_weight": -1,
+    "autoencoder.disc_start": -1, "autoencoder.lr": 0, "autoencoder.batch_size": 0, "autoencoder.steps": -1,
+    "latent.encode_batch_size": 0,
+    "distill.start_steps": 1, "distill.steps": 0, "distill.updates": 0, "distill.lr": 0, "distill.batch_size": 0,
+    "distill.ema_decay": 1.0,
 }
 
 

@@ -31,8 +31,9 @@ import convert  # noqa: E402
 import evaluate  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
-from config import load_config  # noqa: E402
+from config import SampleConfig, load_config  # noqa: E402
 from ddpm.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from ddpm.samplers import sample_loop, sampler_timesteps  # noqa: E402
 
 # the paper's layout on diffusers' side (google/ddpm-cifar10-32), and a small one (11M parameters, 16x16 images)
 PAPER = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
@@ -237,8 +238,9 @@ def test_diffusers_ddim_loop_on_the_export_gives_our_ddim_images(tmp_path, eta):
 
 @pytest.mark.parametrize("options", [[], ["model.time_embedding=transformer", "model.downsample_padding=symmetric",
                                           "model.norm_eps=1e-5", "model.num_heads=4", "model.num_classes=3",
-                                          "diffusion.beta_schedule=cosine", "diffusion.objective=v"]],
-                         ids=["paper", "earlier-options-conditional-cosine"])
+                                          "diffusion.beta_schedule=cosine", "diffusion.objective=v"],
+                                     ["diffusion.variance=learned_range", "diffusion.objective=v"]],
+                         ids=["paper", "earlier-options-conditional-cosine", "learned-range"])
 def test_ours_to_diffusers_to_ours_is_bit_identical(tmp_path, options):
     ckpt = tiny_checkpoint(tmp_path / "ours.pt", *WIDE, *options)
     run("to-diffusers", ckpt, "--out", tmp_path / "pipe")
@@ -252,6 +254,30 @@ def test_ours_to_diffusers_to_ours_is_bit_identical(tmp_path, options):
     assert set(after["model"]) == set(before["ema"])
     for k, v in before["ema"].items():
         assert torch.equal(after["model"][k], v) and torch.equal(after["ema"][k], v), k
+
+
+def test_diffusers_ddpm_loop_on_a_learned_range_export_gives_our_ddpm_images(tmp_path):
+    """A learned-variance checkpoint exports as out_channels 2C and DDPMScheduler(variance_type='learned_range');
+    diffusers' DDPM loop over our respaced timesteps, with the same noise, gives our respaced DDPM images."""
+    ckpt = tiny_checkpoint(tmp_path / "ours.pt", *WIDE, "diffusion.variance=learned_range")
+    run("to-diffusers", ckpt, "--out", tmp_path / "pipe")
+    unet = UNet2DModel.from_pretrained(str(tmp_path / "pipe" / "unet")).eval()
+    scheduler = DDPMScheduler.from_pretrained(str(tmp_path / "pipe"), subfolder="scheduler")
+    assert (unet.config.out_channels, scheduler.config.variance_type) == (6, "learned_range")
+    _, model, diffusion = model_from_checkpoint(load_checkpoint(ckpt), "cpu")
+    sample_cfg = SampleConfig(sampler="ddpm", ddpm_steps=6)
+    scheduler.set_timesteps(timesteps=sampler_timesteps(diffusion, sample_cfg))
+    scheduler.alphas_cumprod = torch.cumprod(1 - scheduler.betas.double(), 0)  # float32 loses digits of small betas
+    scheduler.one = torch.tensor(1.0, dtype=torch.float64)
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ours = sample_loop(diffusion, diffusion.denoiser(model), x_T, sample_cfg, torch.Generator().manual_seed(1))
+    g, theirs = torch.Generator().manual_seed(1), x_T
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            theirs = scheduler.step(unet(theirs, t).sample, t, theirs, generator=g).prev_sample.float()
+    assert (ours - x_T).abs().max() > 0.5
+    # the two networks agree to 1e-5 of their outputs' size (outputs_agree), which is about 8 for this random one
+    assert (ours - theirs).abs().max() < 1e-5 * 8
 
 
 # ---- the converted checkpoint in our scripts ---------------------------------------------------------------------
@@ -321,7 +347,8 @@ def test_unsupported_schedulers_and_fixed_fields(tmp_path, capsys, small_src):
     small_src = shutil.copytree(small_src, tmp_path / "src")
     for sched, field in [({"beta_schedule": "scaled_linear"}, "beta_schedule"),
                          ({"trained_betas": [0.1] * 1000}, "trained_betas"),
-                         ({"variance_type": "learned_range"}, "variance_type"),
+                         ({"variance_type": "learned"}, "variance_type"),
+                         ({"variance_type": "learned_range"}, "out_channels"),  # learned variances need 2C out
                          ({"thresholding": True}, "thresholding")]:
         with open(os.path.join(small_src, "scheduler_config.json"), "w") as f:
             json.dump(sched, f)

@@ -33,6 +33,10 @@ def test_close_shows_the_end_and_disabled_bars_show_nothing(monkeypatch, capsys)
     bar.update(100)
     bar.close()
     assert capsys.readouterr().err == "train: 300/700 step (43%), 0:05 elapsed, 20 step/s, 0:20 left\n"
+    bar.set_description("round 2/3")  # as tqdm's: the name of the next lines (distill.py's rounds)
+    now[0] = 15.0
+    bar.update(200)
+    assert capsys.readouterr().err == "round 2/3: 500/700 step (71%), 0:15 elapsed, 20 step/s, 0:10 left\n"
     with progress.progress(10, "sampling", "img", disable=True) as bar:
         now[0] = 100.0
         bar.update(10)

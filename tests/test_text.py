@@ -30,12 +30,13 @@ from PIL import Image
 import evaluate
 import sample
 import train
-from config import ConfigError, DataConfig, SampleConfig, load_config
+from config import DataConfig, SampleConfig, load_config
 from dataset import build_dataset
 from ddpm import generation
 from ddpm.captions import SHAPE_COLOURS, colour_hue_range, label_captions
 from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
 from ddpm.conditions import grid_captions
+from ddpm.config_rules import ConfigError
 from ddpm.image_cache import load_uint8
 from ddpm.text_encoders import CLS, PAD, UNK, ClipEncoder, Vocabulary, looks_like_tags, prompt_encoder, split_caption
 from model import CrossAttention, UNet

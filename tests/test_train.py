@@ -27,6 +27,7 @@ import train
 from config import load_config
 from ddpm import training_step
 from ddpm.checkpoint import load_checkpoint, save_checkpoint
+from ddpm.distributed import Process
 from ddpm.training_step import ema_decay, lr_factor
 from diffusion import GaussianDiffusion
 from utils import UserError
@@ -313,7 +314,7 @@ def test_dropout_masks_depend_on_rank_and_step_only(monkeypatch):
     seeds, real_seed, real_randomness = [], torch.manual_seed, training_step.step_randomness
     monkeypatch.setattr(torch, "manual_seed", lambda s: seeds.append(s) or real_seed(s))
     # the whole batch whatever the rank, so that only the dropout seed sees the rank
-    monkeypatch.setattr(training_step, "step_randomness", lambda *a: real_randomness(*a[:3], 0, 1, *a[5:]))
+    monkeypatch.setattr(training_step, "step_randomness", lambda *a: real_randomness(*a[:3], Process(), *a[4:]))
     trainer = tiny_trainer("model.dropout=0.1")
     seeds.clear()
     for rank, step in ((0, 0), (0, 1), (1, 0), (0, 0)):
@@ -418,11 +419,35 @@ def test_label_dropout_rate_matches_cond_drop_prob():
     n, p = 20_000, 0.3
     cfg = load_config(CONFIG, [*TINY, f"train.batch_size={n}", f"train.cond_drop_prob={p}"])
     gen = torch.Generator()
-    _, _, drop = training_step.step_randomness(gen, cfg, 7, 0, 1, True)
+    _, _, drop = training_step.step_randomness(gen, cfg, 7, Process(), True)
     assert abs(drop.double().mean().item() - p) <= 5 * math.sqrt(p * (1 - p) / n)
-    halves = [training_step.step_randomness(gen, cfg, 7, r, 2, True) for r in (0, 1)]
+    halves = [training_step.step_randomness(gen, cfg, 7, Process(r, 2), True) for r in (0, 1)]
     for i in range(3):
         assert torch.equal(torch.cat([halves[0][i], halves[1][i]]),
-                           training_step.step_randomness(gen, cfg, 7, 0, 1, True)[i])
-    _, _, none = training_step.step_randomness(gen, cfg, 7, 0, 1, False)
+                           training_step.step_randomness(gen, cfg, 7, Process(), True)[i])
+    _, _, none = training_step.step_randomness(gen, cfg, 7, Process(), False)
     assert none is None
+
+
+@pytest.mark.parametrize("option", ["train.timestep_sampler=loss_aware", "diffusion.variance=learned_range",
+                                    "train.snr_gamma=5"])
+def test_resume_is_exact_with_the_improved_ddpm_options(tmp_path, monkeypatch, option):
+    """A run stopped at step 12 and resumed logs the same losses and ends with the same weights, optimiser state
+    and timestep sampler as a run of 16 steps at once. loss_aware: by step 12 the sampler has left its uniform
+    warm-up (each of the T = 10 timesteps has 10 losses), so the resumed run draws from the saved history."""
+    batch = 16 if option.endswith("loss_aware") else 8
+    extra = [option, f"train.batch_size={batch}", "train.save_every=100", "diffusion.timesteps=10"]
+    (tmp_path / "whole").mkdir(), (tmp_path / "split").mkdir()
+    ckpt_dir, out = run_train(tmp_path / "whole", monkeypatch, *extra, "train.max_steps=16")
+    run_train(tmp_path / "split", monkeypatch, *extra, "train.max_steps=12")
+    stopped = load_checkpoint(str(tmp_path / "split" / "checkpoints" / "t" / "last.pt"))
+    if option.endswith("loss_aware"):
+        assert stopped["timestep_sampler"]["counts"].tolist() == [10] * 10
+    split_dir, split_out = run_train(tmp_path / "split", monkeypatch, *extra, "train.max_steps=16")
+    a, b = read_csv(out / "plots" / "losses.csv"), read_csv(split_out / "plots" / "losses.csv")
+    assert [(r["step"], r["loss"]) for r in a] == [(r["step"], r["loss"]) for r in b] and len(a) == 16
+    whole, split = load_checkpoint(str(ckpt_dir / "last.pt")), load_checkpoint(str(split_dir / "last.pt"))
+    for key in ("model", "ema"):
+        assert all(torch.equal(whole[key][k], split[key][k]) for k in whole[key]), key
+    for k, v in whole["timestep_sampler"].items():
+        assert torch.equal(v, split["timestep_sampler"][k]), k

@@ -16,7 +16,7 @@ and puts the activation quantizers back. int8_inductor compiles real int8 kernel
 import torch
 import torch.nn as nn
 
-from ddpm.generation import Sampling, batch_generator, generate
+from ddpm.samplers import sample_loop
 from utils import UserError
 
 INSTALL = "pip install -r requirements-compress.txt"
@@ -105,6 +105,16 @@ def add_activation_quantizers(model: nn.Module, ranges: dict, bits: int) -> list
     return handles
 
 
+def calibration_samples(model, diffusion, sample_cfg, n: int, device) -> torch.Tensor:
+    """n samples of the float model with the sampler of sample_cfg, from x_T (and noise) of a generator seeded with
+    sample_cfg.seed: the run whose network inputs calibration observes."""
+    generator = torch.Generator(device).manual_seed(sample_cfg.seed)
+    x_T = torch.randn((n, model.image_channels, model.image_size, model.image_size), generator=generator,
+                      device=device)
+    with torch.no_grad():
+        return sample_loop(diffusion, diffusion.denoiser(model), x_T, sample_cfg, generator)
+
+
 @torch.no_grad()
 def calibrate(model, diffusion, sample_cfg, n: int, device) -> tuple[dict, list[int]]:
     """Activation ranges {layer: (low, high)} over the inputs every layer sees while the float model samples n
@@ -121,7 +131,7 @@ def calibrate(model, diffusion, sample_cfg, n: int, device) -> tuple[dict, list[
     handles = [layer.register_forward_pre_hook(observe(name)) for name, layer in quantized_layers(model).items()]
     handles.append(model.register_forward_pre_hook(lambda module, args: seen.extend(args[1].unique().tolist())))
     try:
-        generate(Sampling(model, diffusion, sample_cfg, device), n, batch_generator(sample_cfg.seed, 0, n, device))
+        calibration_samples(model, diffusion, sample_cfg, n, device)
     finally:
         for h in handles:
             h.remove()
@@ -184,7 +194,7 @@ def calibration_inputs(model, diffusion, sample_cfg, n: int, device) -> list[tup
         lambda module, args: calls.append(tuple(a.clone() for a in args if a is not None)))
     try:
         with torch.no_grad():
-            generate(Sampling(model, diffusion, sample_cfg, device), n, batch_generator(sample_cfg.seed, 0, n, device))
+            calibration_samples(model, diffusion, sample_cfg, n, device)
     finally:
         handle.remove()
     return calls

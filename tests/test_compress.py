@@ -21,7 +21,7 @@ from ddpm import quantization
 from ddpm.checkpoint import load_checkpoint, model_from_checkpoint
 from ddpm.config_rules import nominal_widths
 from ddpm.generation import Sampling, batch_generator, generate
-from ddpm.samplers import sampler_timesteps
+from ddpm.samplers import sample_loop, sampler_timesteps
 from model import UNet
 
 SAMPLE = SampleConfig(sampler="ddim", steps=5, seed=0, precision="fp32")
@@ -279,7 +279,9 @@ def test_calibration_covers_the_sampler_timesteps():
     grid = sampler_timesteps(diffusion, SAMPLE)
     assert seen == sorted(grid) and len(seen) == 5
     # the ranges are the union over the x_t of every step: rebuilt from the recorded trajectory, step by step
-    _, trajectory = generate(Sampling(model, diffusion, SAMPLE, "cpu"), 3, batch_generator(0, 0, 3, "cpu"), record=grid)
+    g = torch.Generator().manual_seed(SAMPLE.seed)  # the x_T and noise of calibration_samples
+    x_T = torch.randn((3, 3, 16, 16), generator=g)
+    _, trajectory = sample_loop(diffusion, diffusion.denoiser(model), x_T, SAMPLE, g, record=grid)
     per_step = []
     for x_t, t in zip(trajectory["x_t"], trajectory["t"]):
         per_step.append(input_ranges(model, x_t, t))

@@ -58,7 +58,7 @@ def keep_fraction(model: UNet, ratio: float) -> Fraction:
     kept = round((1 - ratio) * unit)
     if kept < 1:
         raise UserError(f"--ratio {ratio} would leave fewer than one channel per GroupNorm group (groups of {unit} "
-                        f"channels here); the largest ratio this network allows is {1 - 1 / unit:.3g}")
+                        f"channels here); the most it can remove is {1 - 1 / unit:.3g} (one channel a group kept)")
     if kept == unit:
         raise UserError(f"--ratio {ratio} removes no channel: the GroupNorm groups of {unit} channels here are "
                         f"pruned in steps of 1/{unit}, so give at least {1 / (2 * unit):.3g}")

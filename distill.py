@@ -20,7 +20,7 @@ from ddpm.checkpoint import check_same_architecture, load_checkpoint, save_check
 from ddpm.cli import ArgumentParser, StopSignal, cli
 from ddpm.config_rules import check_batch_split, check_distill
 from ddpm.distillation import DistillTrainer, round_checkpoint, round_grid, student_config
-from ddpm.distributed import close_distributed, setup_distributed
+from ddpm.distributed import process_group
 from ddpm.training_run import RunPaths, TrainingRun, is_run_name, load_data, open_runlog
 from diffusion import GaussianDiffusion
 from utils import FolderLock, UserError, check_writable, enable_tf32
@@ -143,11 +143,8 @@ def run(args, process):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    process = setup_distributed(args.device)
-    try:
+    with process_group(args.device) as process:
         run(args, process)
-    finally:
-        close_distributed(process.world)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from ddpm.cli import (
     sampler_overrides,
 )
 from ddpm.conditions import Conditions, prompt_conditions, prompts_tag
-from ddpm.distributed import close_distributed, setup_distributed, wait_for_all
+from ddpm.distributed import process_group, wait_for_all
 from ddpm.generation import Sampling, prepare_model, sampler_record
 from ddpm.images import list_images
 from ddpm.latent import codec_of_checkpoint
@@ -337,13 +337,10 @@ def main(argv=None, extractor=None):
     """extractor: the feature network the scores use (default: the Inception, from --inception-weights or the
     torch hub cache)."""
     args = parse_args(argv)
-    process = setup_distributed(args.device)
-    try:
+    with process_group(args.device) as process:
         record = evaluate(args, process, extractor)
         wait_for_all(process.world)  # the other ranks wait for rank 0's scores before the group is taken down
         return record
-    finally:
-        close_distributed(process.world)
 
 
 if __name__ == "__main__":

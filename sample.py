@@ -40,7 +40,7 @@ from ddpm.cli import (
     sampler_overrides,
 )
 from ddpm.conditions import Conditions, prompt_conditions, repeat_to
-from ddpm.distributed import close_distributed, setup_distributed, wait_for_all
+from ddpm.distributed import process_group, wait_for_all
 from ddpm.generation import Sampling, batch_generator, generate, prepare_model, sample_batches
 from ddpm.images import image_format, make_grid, save_grid, to_pil, to_uint8
 from ddpm.latent import codec_of_checkpoint
@@ -309,12 +309,9 @@ def edit(args, process):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    process = setup_distributed(args.device)
-    try:
+    with process_group(args.device) as process:
         run(args, process)
         wait_for_all(process.world)  # the other ranks wait for rank 0's pictures before the group is taken down
-    finally:
-        close_distributed(process.world)
 
 
 if __name__ == "__main__":

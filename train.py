@@ -18,7 +18,7 @@ from config import config_from_dict, load_config
 from ddpm.checkpoint import load_checkpoint
 from ddpm.cli import ArgumentParser, StopSignal, cli
 from ddpm.config_rules import check_batch_split
-from ddpm.distributed import close_distributed, setup_distributed
+from ddpm.distributed import process_group
 from ddpm.metrics import load_inception
 from ddpm.training_run import RunPaths, TrainingRun, is_run_name, open_runlog, start_trainer
 from utils import FolderLock, UserError, check_writable
@@ -70,11 +70,8 @@ def load_run(args):
 def main(argv=None, extractor=None):
     """extractor: the FID feature network for train.fid_every (default: the Inception of ddpm/metrics.py)."""
     args = parse_args(argv)
-    process = setup_distributed(args.device)
-    try:
+    with process_group(args.device) as process:
         run(args, process, extractor)
-    finally:
-        close_distributed(process.world)
 
 
 def run(args, process, extractor=None):

@@ -1,12 +1,13 @@
 """Several processes under torchrun: joining the process group, and waiting for each other.
 
-    process = setup_distributed("auto")     # rank, world and device; Process(0, 1, device) without torchrun
-    process.say("...")                      # printed by rank 0 only
-    close_distributed(process.world)        # at the end, also after an error
+    with process_group("auto") as process:  # rank, world and device; Process(0, 1, device) without torchrun
+        process.say("...")                  # printed by rank 0 only
+    # (setup_distributed, then close_distributed at the end, also after an error)
 
 One process per GPU (NCCL), or per CPU slot (gloo). The scripts that can run under torchrun (train.py, distill.py,
 sample.py, evaluate.py) call this first and leave the group when they end.
 """
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -76,6 +77,17 @@ def wait_for_all(world: int) -> None:
     """A barrier: every rank waits here until all have arrived (for rank 0's files, say, or before teardown)."""
     if world > 1:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def process_group(device_arg: str):
+    """The commands' `with process_group(args.device) as process:` setup_distributed on entry, and
+    close_distributed on the way out, also after an error."""
+    process = setup_distributed(device_arg)
+    try:
+        yield process
+    finally:
+        close_distributed(process.world)
 
 
 def close_distributed(world: int) -> None:
